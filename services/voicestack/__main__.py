@@ -1,0 +1,5 @@
+import sys
+
+from voicestack.cli import main
+
+sys.exit(main())

@@ -1,0 +1,195 @@
+"""`voicestack`: serve one service, bring up the embedded default, or talk to it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+
+from voicestack.config import SERVICES, add_flags, flag_overrides, load_settings
+
+
+def build_service(name: str, settings):
+    # Imported here so `voicestack serve vad` never loads the LLM's libraries.
+    if name == "edge":
+        from voicestack.edge.server import EdgeService as cls
+    elif name == "vad":
+        from voicestack.vad.server import VadStage as cls
+    elif name == "stt":
+        from voicestack.stt.server import SttStage as cls
+    elif name == "llm":
+        from voicestack.llm.server import LlmStage as cls
+    else:
+        from voicestack.tts.server import TtsStage as cls
+    return cls(settings)
+
+
+def cmd_serve(args) -> int:
+    from voicestack import runtime
+
+    settings = load_settings(args.service, flag_overrides(args))
+    service = build_service(args.service, settings)
+    asyncio.run(runtime.serve(service, settings))
+    return 0
+
+
+def print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+
+
+def _progress(process) -> None:
+    print(f"  {process.name:<5} ready in {process.ready_after:5.1f}s  (pid {process.popen.pid}, {process.address})", flush=True)
+
+
+def start_stack(log_dir: str):
+    from voicestack.launcher import START_ORDER, Stack
+
+    stack = Stack(log_dir=log_dir)
+    print(f"starting nats-server on {stack.nats_url} and {len(START_ORDER)} services; "
+          f"loading models (logs in {log_dir}/)...", flush=True)
+    stack.start_nats()
+    for service in START_ORDER:
+        stack.spawn(service)
+    try:
+        stack.wait_ready(START_ORDER, progress=_progress)
+    except (RuntimeError, TimeoutError) as error:
+        stack.stop_all()
+        raise SystemExit(f"voicestack up failed: {error}")
+    return stack
+
+
+def show_stack(stack) -> None:
+    from voicestack.launcher import health_status
+
+    models = {"edge": "-", "vad": "silero-vad-v6", "stt": "whisper-tiny.en (int8)",
+              "llm": "SmolLM2-135M-Instruct Q4_1", "tts": "kokoro-82m int8"}
+    rows = [["nats", str(stack.nats.pid), stack.nats_url, "-", "yes"]]
+    for name, p in stack.processes.items():
+        rows.append([name, str(p.popen.pid), p.address, models.get(p.service, "-"),
+                     "yes" if health_status(p.address) == "SERVING" else "no"])
+    print()
+    print_table(rows, ["service", "pid", "address", "model", "ready"])
+    print(flush=True)
+
+
+def cmd_up(args) -> int:
+    stack = start_stack(args.log_dir)
+    show_stack(stack)
+    print("Talk to it: voicestack talk --wav IN.wav --out REPLY.wav   (Ctrl-C stops everything)", flush=True)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
+    try:
+        while not stopping:
+            dead = [p.name for p in stack.processes.values() if not p.alive()]
+            if dead:
+                print(f"service exited: {', '.join(dead)}; see {args.log_dir}/", file=sys.stderr)
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    print("stopping...", flush=True)
+    stack.stop_all()
+    print("stopped.")
+    return 0
+
+
+def print_conversation(conversation) -> None:
+    for turn in conversation.replies:
+        print(f"you said:   {turn.transcript!r}")
+        print(f"agent said: {turn.reply_text.strip()!r}")
+        if turn.interrupted:
+            print(f"(interrupted after {turn.interrupted.played_ms} ms)")
+        m = turn.metrics
+        if m:
+            print_table([
+                ["end of speech -> turn end decided (endpointing)", f"{m.endpointing_ms:7.0f}"],
+                ["turn end -> final transcript (STT)", f"{m.stt_final_ms:7.0f}"],
+                ["LLM request -> first token", f"{m.llm_first_token_ms:7.0f}"],
+                ["first text to TTS -> first audio", f"{m.tts_first_audio_ms:7.0f}"],
+                ["voice-to-voice (end of speech -> first agent audio out)", f"{m.voice_to_voice_ms:7.0f}"],
+            ], ["latency", "ms"])
+        print()
+    for error in conversation.errors:
+        print(f"error from {error.stage or 'edge'}: {error.message}", file=sys.stderr)
+
+
+async def _talk(args) -> int:
+    from voicestack.audio import read_wav, write_wav
+    from voicestack.client import converse
+    from voicestack.v1 import edge_pb2
+
+    try:
+        audio = read_wav(args.wav)
+    except (OSError, ValueError) as error:
+        print(f"talk: {error}", file=sys.stderr)
+        return 2
+    config = edge_pb2.SessionConfig(voice=args.voice, system_prompt=args.system_prompt)
+    conversation = await converse(args.address, audio, config=config, speed=args.speed, timeout=args.timeout)
+    if conversation.status.name != "OK":
+        print(f"talk: {conversation.status.name}: {conversation.details}", file=sys.stderr)
+        return 1
+    print_conversation(conversation)
+    audio_out = b"".join(bytes(t.audio) for t in conversation.replies)
+    if args.out:
+        write_wav(args.out, audio_out, conversation.output_rate)
+        print(f"wrote {len(audio_out) / 2 / conversation.output_rate:.1f}s of agent audio to {args.out}")
+    return 0 if audio_out else 1
+
+
+def cmd_talk(args) -> int:
+    return asyncio.run(_talk(args))
+
+
+def cmd_demo(args) -> int:
+    stack = start_stack(args.log_dir)
+    show_stack(stack)
+    try:
+        print(f"asking the question in {args.wav}, at real-time pace...\n", flush=True)
+        return cmd_talk(args)
+    finally:
+        stack.stop_all()
+
+
+def add_talk_flags(parser) -> None:
+    parser.add_argument("--wav", required=True, help="WAV to speak (any rate/channels; converted)")
+    parser.add_argument("--out", default="REPLY.wav", help="where to write the agent's audio")
+    parser.add_argument("--address", default="127.0.0.1:50051", help="the edge's gRPC address")
+    parser.add_argument("--speed", type=float, default=1.0, help="stream at this multiple of real time")
+    parser.add_argument("--voice", default="")
+    parser.add_argument("--system-prompt", default="")
+    parser.add_argument("--timeout", type=float, default=90.0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="voicestack", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run one service (gRPC + NATS) until SIGTERM")
+    serve.add_argument("service", choices=SERVICES)
+    add_flags(serve)
+    serve.set_defaults(run=cmd_serve)
+
+    up = commands.add_parser("up", help="the embedded default: local NATS and all five services")
+    up.add_argument("--log-dir", default="build/logs")
+    up.set_defaults(run=cmd_up)
+
+    talk = commands.add_parser("talk", help="speak a WAV to the edge and save the reply")
+    add_talk_flags(talk)
+    talk.set_defaults(run=cmd_talk)
+
+    demo = commands.add_parser("demo", help="`up`, one `talk`, then stop")
+    add_talk_flags(demo)
+    demo.add_argument("--log-dir", default="build/logs")
+    demo.set_defaults(run=cmd_demo)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The one config loader: defaults < VOICESTACK_* environment < command-line flags.
+
+Every setting is a field of `Settings`; its env var is VOICESTACK_<FIELD>, its flag
+--<field-with-dashes>. OpenTelemetry is configured by the standard OTEL_* variables
+instead (see telemetry.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+
+STAGES = ("vad", "stt", "llm", "tts")
+SERVICES = ("edge",) + STAGES
+
+# Default gRPC ports of the embedded default; in Kubernetes every pod uses 50051.
+DEFAULT_GRPC_PORTS = {"edge": 50051, "vad": 50052, "stt": 50053, "llm": 50054, "tts": 50055}
+DEFAULT_METRICS_PORTS = {"edge": 9464, "vad": 9465, "stt": 9466, "llm": 9467, "tts": 9468}
+DEFAULT_CAPACITY = {"edge": 200, "vad": 200, "stt": 8, "llm": 4, "tts": 4}
+
+
+@dataclass
+class Settings:
+    # Comma-separated NATS server URLs (a cluster is a list).
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_creds_file: str = ""
+    nats_ca_file: str = ""
+    # gRPC listener. Stages bind to localhost unless told otherwise; the edge too,
+    # until an operator exposes it (with TLS and API keys).
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 0
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # Prometheus scrape port (0 = none).
+    metrics_port: int = -1
+    # Concurrent streams this replica takes before refusing opens.
+    capacity: int = 0
+    # Seconds a SIGTERM'd replica keeps serving its open streams.
+    drain_seconds: float = 30.0
+    # A stage that stays silent this long (no data, no heartbeat) is dead.
+    peer_timeout_seconds: float = 0.8
+    replica_id: str = ""
+    # "cpu" or "cuda" for the model stages.
+    device: str = "cpu"
+    # Compute threads for a model (0 = the library default).
+    threads: int = 0
+    # LLM engine: "llamacpp" (embedded SmolLM2) or "openai" (any OpenAI-compatible server, e.g. vLLM).
+    llm_engine: str = "llamacpp"
+    llm_url: str = ""
+    llm_model: str = ""
+    llm_api_key: str = field(default="", repr=False)
+    llm_max_tokens: int = 80
+    # A little randomness keeps small models out of repetition loops; the engine
+    # seeds it, so a replayed request (failover) gives the same reply.
+    llm_temperature: float = 0.3
+    # STT model: "" = embedded tiny.en, or a faster-whisper size name / CTranslate2 path.
+    stt_model: str = ""
+    tts_voice: str = ""
+    system_prompt: str = (
+        "You are a friendly voice assistant. Answer in one or two short spoken sentences."
+    )
+    # Edge only: file of sha256 hex digests of accepted API keys, one a line ("" = no auth).
+    api_keys_file: str = ""
+    log_level: str = "INFO"
+
+    def nats_servers(self) -> list[str]:
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+
+def _coerce(kind: type, raw: str, name: str):
+    try:
+        if kind is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        return kind(raw)
+    except ValueError:
+        raise SystemExit(f"config: {name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def load_settings(service: str, overrides: dict | None = None, environ=os.environ) -> Settings:
+    """Settings for one service: defaults, then VOICESTACK_* env, then non-None overrides."""
+    settings = Settings()
+    types = {f.name: type(getattr(settings, f.name)) for f in fields(Settings)}
+    for name, kind in types.items():
+        env = f"VOICESTACK_{name.upper()}"
+        if env in environ:
+            setattr(settings, name, _coerce(kind, environ[env], env))
+    for name, value in (overrides or {}).items():
+        if value is not None and name in types:
+            setattr(settings, name, value)
+    # Per-service defaults fill whatever nobody set.
+    if settings.grpc_port == 0:
+        settings.grpc_port = DEFAULT_GRPC_PORTS[service]
+    if settings.metrics_port == -1:
+        settings.metrics_port = DEFAULT_METRICS_PORTS[service]
+    if settings.capacity <= 0:
+        settings.capacity = DEFAULT_CAPACITY[service]
+    if not settings.replica_id:
+        settings.replica_id = f"{service}-{os.uname().nodename}-{os.getpid()}"
+    return settings
+
+
+def add_flags(parser) -> None:
+    """One --flag per Settings field, default None so env and defaults show through."""
+    for f in fields(Settings):
+        kind = type(getattr(Settings(), f.name))
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action="store_true", default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper())
+
+
+def flag_overrides(args) -> dict:
+    return {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+
+
+def public_view(settings: Settings) -> dict:
+    """Settings safe to log: secrets masked."""
+    view = dataclasses.asdict(settings)
+    for secret in ("llm_api_key",):
+        if view[secret]:
+            view[secret] = "***"
+    return view

@@ -1,0 +1,1 @@
+"""The session edge: owns each conversation and conducts the stages."""

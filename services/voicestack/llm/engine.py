@@ -1,0 +1,196 @@
+"""LLM engines: one narrow async streaming interface, two backends.
+
+The LLM stage talks only to `LlmEngine`, so the embedded CPU model (llama.cpp in this
+process) and a production vLLM server (OpenAI-compatible HTTP) are interchangeable.
+Both stream text as tokens are produced, and both stop within one token when the
+consumer closes the stream (`await agen.aclose()`, or `contextlib.aclosing`) or its task
+is cancelled: barge-in depends on that, a reply nobody will hear must not keep a replica
+busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Callable, Protocol
+
+import httpx
+
+from voicestack import models
+
+
+class LlmUnavailable(RuntimeError):
+    """The model server could not be reached or refused the request."""
+
+
+@dataclass
+class Delta:
+    text: str  # text added
+    finish_reason: str = ""  # set on the last delta: "stop" | "length"
+    completion_tokens: int = 0  # running count (on the last delta: total)
+    prompt_tokens: int = 0
+
+
+class LlmEngine(Protocol):
+    model_name: str
+
+    def stream(self, messages: list[dict], max_tokens: int, temperature: float) -> AsyncIterator[Delta]:
+        """Yield text deltas; the last one has finish_reason and the token totals (its text may be empty)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class LlamaCppEngine:
+    """llama-cpp-python in process.
+
+    A Llama object holds one KV cache, so it runs one generation at a time: streams
+    queue on a single worker thread (that thread is the lock). Concurrency comes from
+    more replicas, or from OpenAIEngine against vLLM, which batches.
+
+    Prefix reuse: llama.cpp keeps the KV of the last prompt and re-evaluates only what
+    differs, so a session's next turn (same system prompt and history) starts fast.
+    """
+
+    def __init__(self, model_path: str | None = None, n_ctx: int = 2048, threads: int = 0, device: str = "cpu"):
+        from llama_cpp import Llama  # here, so OpenAIEngine works without llama.cpp installed
+
+        path = str(model_path or models.smollm2_gguf())
+        self.model_name = Path(path).stem
+        self._llm = Llama(
+            model_path=path,
+            n_ctx=n_ctx,
+            n_threads=threads or None,  # None: llama-cpp-python's default, half the CPUs
+            n_gpu_layers=-1 if device == "cuda" else 0,
+            verbose=False,
+        )
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        self._stops: set[threading.Event] = set()
+        self.tokens_generated = 0  # all tokens ever sampled; tests watch it stop on cancel
+
+    async def stream(self, messages: list[dict], max_tokens: int, temperature: float) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # loop closed: nobody is listening any more
+                stop.set()
+
+        self._stops.add(stop)
+        job = self._worker.submit(self._generate, messages, max_tokens, temperature, stop, put)
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            job.cancel()  # only succeeds while still queued behind another stream
+            # Wait for the worker to leave the model, so the next stream (and the
+            # tokens_generated counter) sees it idle; at most one token's time.
+            await asyncio.wait([asyncio.wrap_future(job)])
+            self._stops.discard(stop)
+
+    def _generate(self, messages, max_tokens, temperature, stop: threading.Event, put: Callable) -> None:
+        if stop.is_set():
+            return
+        chunks = None
+        try:
+            chunks = self._llm.create_chat_completion(
+                messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True
+            )
+            n = prompt = 0
+            for chunk in chunks:
+                if stop.is_set():  # checked per token: breaking here stops sampling
+                    break
+                choice = chunk["choices"][0]
+                if "role" in choice["delta"]:
+                    # Sent once the prompt is evaluated and the first token sampled.
+                    prompt = self._llm.n_tokens
+                    continue
+                if choice["finish_reason"]:
+                    # No break: the iterator's remaining step saves the prefix cache, if any.
+                    put(Delta("", choice["finish_reason"], n, prompt))
+                    continue
+                # One chunk per sampled token (text may be empty mid-UTF-8 character).
+                n += 1
+                self.tokens_generated += 1
+                if text := choice["delta"].get("content"):
+                    put(Delta(text, completion_tokens=n, prompt_tokens=prompt))
+        except Exception as exc:  # handed to the consumer, raised there
+            put(exc)
+        finally:
+            if chunks is not None:
+                chunks.close()
+            put(None)
+
+    async def aclose(self) -> None:
+        for stop in list(self._stops):
+            stop.set()
+        await asyncio.to_thread(self._worker.shutdown, wait=True, cancel_futures=True)
+        self._llm.close()
+
+
+class OpenAIEngine:
+    """Any OpenAI-compatible /v1/chat/completions server with streaming (vLLM, llama.cpp).
+
+    base_url includes the API prefix, as in the openai SDK: "http://vllm:8000/v1".
+    Concurrency is the server's business (vLLM batches), so streams run in parallel.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key: str = "", timeout: float = 30.0):
+        self.model_name = model
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # The timeout also bounds the gap between two streamed chunks: a stalled server fails.
+        self._client = httpx.AsyncClient(headers=headers, timeout=timeout)
+
+    async def stream(self, messages: list[dict], max_tokens: int, temperature: float) -> AsyncIterator[Delta]:
+        body = {
+            "model": self.model_name,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},  # vLLM: exact totals; others ignore it
+        }
+        n = prompt = 0
+        finish = ""
+        try:
+            # Leaving this block (aclose, cancel) closes the response: the server sees the
+            # disconnect and stops generating.
+            async with self._client.stream("POST", self._url, json=body) as resp:
+                if resp.status_code != 200:
+                    detail = (await resp.aread())[:300].decode(errors="replace")
+                    raise LlmUnavailable(f"{self._url} answered HTTP {resp.status_code}: {detail}")
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue  # SSE comments, pings, blank separators
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise LlmUnavailable(f"{self._url} failed mid-stream: {chunk['error']}")
+                    for choice in chunk.get("choices") or []:
+                        if text := (choice.get("delta") or {}).get("content"):
+                            n += 1
+                            yield Delta(text, completion_tokens=n, prompt_tokens=prompt)
+                        finish = choice.get("finish_reason") or finish
+                    if usage := chunk.get("usage"):  # exact; without it the delta count stands in
+                        n, prompt = usage.get("completion_tokens", n), usage.get("prompt_tokens", 0)
+        except httpx.TransportError as exc:  # refused, reset, timed out
+            raise LlmUnavailable(f"{self._url} unreachable: {type(exc).__name__}: {exc}") from exc
+        if not finish:
+            raise LlmUnavailable(f"{self._url} ended the stream without a finish_reason")
+        yield Delta("", finish, n, prompt)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

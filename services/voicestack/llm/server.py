@@ -1,0 +1,95 @@
+"""LLM stage: a chat request in, the reply streamed token by token. Cancelling the
+stream stops generation within a token (barge-in)."""
+
+from __future__ import annotations
+
+import time
+
+from voicestack.config import Settings
+from voicestack.errors import invalid
+from voicestack.llm.engine import LlamaCppEngine, OpenAIEngine
+from voicestack.stage import Stage, one_request
+from voicestack.v1 import llm_pb2, llm_pb2_grpc
+
+ROLES = {
+    llm_pb2.CHAT_ROLE_SYSTEM: "system",
+    llm_pb2.CHAT_ROLE_USER: "user",
+    llm_pb2.CHAT_ROLE_ASSISTANT: "assistant",
+}
+MAX_MESSAGES = 200
+MAX_CONTENT_CHARS = 8000
+MAX_TOKENS = 1024
+
+
+def build_engine(settings: Settings):
+    if settings.llm_engine == "openai":
+        if not settings.llm_url:
+            raise SystemExit("llm: --llm-url (VOICESTACK_LLM_URL) is required with --llm-engine openai")
+        return OpenAIEngine(settings.llm_url, settings.llm_model or "default", api_key=settings.llm_api_key)
+    if settings.llm_engine == "llamacpp":
+        return LlamaCppEngine(settings.llm_model or None, threads=settings.threads, device=settings.device)
+    raise SystemExit(f"llm: unknown engine {settings.llm_engine!r}; use llamacpp or openai")
+
+
+def chat_messages(request: llm_pb2.GenerateRequest) -> list[dict]:
+    if not request.messages:
+        raise invalid("messages is empty: send at least one user message")
+    if len(request.messages) > MAX_MESSAGES:
+        raise invalid(f"{len(request.messages)} messages is over {MAX_MESSAGES}; trim the history")
+    messages = []
+    for i, message in enumerate(request.messages):
+        if message.role not in ROLES:
+            raise invalid(f"messages[{i}].role is unset or unknown; use SYSTEM, USER or ASSISTANT")
+        if len(message.content) > MAX_CONTENT_CHARS:
+            raise invalid(f"messages[{i}].content is over {MAX_CONTENT_CHARS} characters")
+        messages.append({"role": ROLES[message.role], "content": message.content})
+    return messages
+
+
+class LlmStage(Stage):
+    name = "llm"
+    request_type = llm_pb2.GenerateRequest
+    grpc_service_names = [llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name]
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        self.engine = build_engine(settings)
+
+    def describe(self) -> dict:
+        return {"model": self.engine.model_name, "device": self.settings.device, "engine": self.settings.llm_engine}
+
+    def add_to_grpc(self, server) -> None:
+        llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmServicer(self), server)
+
+    async def stream(self, requests, context):
+        request = None
+        async for request in requests:
+            break
+        if request is None:
+            raise invalid("stream closed before the GenerateRequest was sent")
+        messages = chat_messages(request)
+        if not 0 <= request.max_tokens <= MAX_TOKENS:
+            raise invalid(f"max_tokens must be 0-{MAX_TOKENS}")
+        if not 0.0 <= request.temperature <= 2.0:
+            raise invalid("temperature must be 0-2")
+        max_tokens = request.max_tokens or self.settings.llm_max_tokens
+        started = time.perf_counter()
+        first = True
+        async for delta in self.engine.stream(messages, max_tokens, request.temperature):
+            if first:
+                first = False
+                self.record("first_token", time.perf_counter() - started)
+            yield llm_pb2.GenerateResponse(
+                text_delta=delta.text, finish_reason=delta.finish_reason,
+                completion_tokens=delta.completion_tokens, prompt_tokens=delta.prompt_tokens,
+            )
+        self.record("generation", time.perf_counter() - started)
+
+
+class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
+    def __init__(self, stage: LlmStage):
+        self.stage = stage
+
+    async def Generate(self, request, context):
+        async for response in self.stage.serve_grpc(one_request(request), context):
+            yield response

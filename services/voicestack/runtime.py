@@ -1,0 +1,115 @@
+"""How every service process runs: telemetry, NATS, a gRPC server with health and
+reflection, and a graceful drain on SIGTERM. A service supplies only its own parts:
+
+    class Service(Protocol):
+        name: str                       # "edge", "vad", ...
+        grpc_service_names: list[str]   # full names, for health and reflection
+        def add_to_grpc(self, server) -> None
+        async def start(self, nc, meters) -> None   # NATS endpoints
+        async def drain(self, deadline_seconds: float) -> None
+        active: int; capacity: int      # streams in flight, and the most it takes
+        def describe(self) -> dict      # model, device: for `voicestack up` and status
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+
+import grpc
+import nats
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from voicestack import telemetry
+from voicestack.config import Settings, public_view
+
+log = logging.getLogger(__name__)
+
+# Deliberate bounds: a 100 ms frame at 48 kHz is 9.6 kB; nothing legitimate is near 4 MiB.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+async def connect_nats(settings: Settings, name: str):
+    """NATS connection that reconnects for ever, with bounded backoff."""
+    options = dict(
+        servers=settings.nats_servers(), name=name, max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5, connect_timeout=2.0, allow_reconnect=True,
+    )
+    if settings.nats_creds_file:
+        options["user_credentials"] = settings.nats_creds_file
+    if settings.nats_ca_file:
+        import ssl
+
+        options["tls"] = ssl.create_default_context(cafile=settings.nats_ca_file)
+
+    async def on_error(exc):
+        log.warning("nats: %s", exc)
+
+    async def on_disconnect():
+        log.warning("nats: disconnected, reconnecting")
+
+    async def on_reconnect():
+        log.info("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+
+    nc = await nats.connect(
+        error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, **options
+    )
+    return nc
+
+
+def grpc_credentials(settings: Settings):
+    if not settings.tls_cert_file:
+        return None
+    with open(settings.tls_cert_file, "rb") as cert, open(settings.tls_key_file, "rb") as key:
+        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+
+
+async def serve(service, settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level, format=f"%(asctime)s {service.name} %(levelname)s %(name)s: %(message)s")
+    log.info("starting with %s", json.dumps(public_view(settings)))
+    meters = telemetry.setup(service.name, settings.metrics_port)
+    meters.observe_streams(lambda: service.active, lambda: service.capacity)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    nc = await connect_nats(settings, f"voicestack-{settings.replica_id}")
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service.add_to_grpc(server)
+    reflection.enable_server_reflection(
+        [*service.grpc_service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    credentials = grpc_credentials(settings)
+    if credentials:
+        server.add_secure_port(address, credentials)
+    else:
+        server.add_insecure_port(address)
+
+    await service.start(nc, meters)
+    await server.start()
+    for name in ["", *service.grpc_service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("ready on %s (%s)", address, json.dumps(service.describe()))
+
+    await stop.wait()
+    log.info("SIGTERM: draining for up to %.0fs (%d streams open)", settings.drain_seconds, service.active)
+    await health_servicer.enter_graceful_shutdown()
+    await service.drain(settings.drain_seconds)
+    await server.stop(grace=1.0)
+    with contextlib.suppress(Exception):
+        await nc.drain()
+    telemetry.shutdown()
+    log.info("stopped")

@@ -1,0 +1,96 @@
+"""What the four stages share: a stage is a streaming function
+`stream(requests, context) -> responses`, served both on NATS (StageEndpoint) and
+as its own gRPC API, with one count of streams in flight against one capacity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import AsyncIterator
+
+import grpc
+
+from voicestack.bus import StageEndpoint, StreamContext
+from voicestack.config import Settings
+from voicestack.errors import StageError, as_stage_error, invalid
+
+
+async def first_message(requests: AsyncIterator, kind: str, what: str):
+    """The stream's first request, which must carry `kind` (its config)."""
+    async for request in requests:
+        if request.WhichOneof("kind") != kind:
+            raise invalid(f"the first message must be {what}; send it before any other message")
+        return getattr(request, kind)
+    raise invalid(f"stream closed before {what} was sent")
+
+
+async def one_request(request) -> AsyncIterator:
+    yield request
+
+
+class Stage:
+    name = ""
+    request_type = None
+    grpc_service_names: list[str] = []
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.capacity = settings.capacity
+        self.endpoint: StageEndpoint | None = None
+        self.meters = None
+        self._grpc_active = 0
+
+    # subclass supplies
+    async def stream(self, requests: AsyncIterator, context: StreamContext) -> AsyncIterator:
+        raise NotImplementedError
+        yield
+
+    def describe(self) -> dict:
+        return {}
+
+    @property
+    def active(self) -> int:
+        return self._grpc_active + (self.endpoint.active if self.endpoint else 0)
+
+    async def start(self, nc, meters) -> None:
+        self.meters = meters
+        self.endpoint = StageEndpoint(
+            nc, self.name, self.settings.replica_id, self.capacity, self._counted, self.request_type,
+            peer_timeout=self.settings.peer_timeout_seconds,
+        )
+        await self.endpoint.start()
+
+    async def drain(self, deadline_seconds: float) -> None:
+        if self.endpoint:
+            await self.endpoint.drain(deadline_seconds)
+            await self.endpoint.close()
+
+    def record(self, kind: str, seconds: float) -> None:
+        if self.meters:
+            self.meters.stage_latency.record(seconds, {"stage": self.name, "kind": kind})
+
+    async def _counted(self, requests, context):
+        try:
+            async for response in self.stream(requests, context):
+                yield response
+        except StageError as exc:
+            if self.meters:
+                self.meters.errors.add(1, {"stage": self.name, "code": exc.code.name})
+            raise
+
+    async def serve_grpc(self, requests: AsyncIterator, context: grpc.aio.ServicerContext) -> AsyncIterator:
+        """A gRPC call of the stage's own API: same function, same capacity."""
+        if self.active >= self.capacity:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name} is at capacity ({self.capacity} streams); retry shortly")
+        self._grpc_active += 1
+        stream_context = StreamContext(f"grpc-{time.monotonic_ns()}", "", dict(context.invocation_metadata() or ()))
+        try:
+            async with contextlib.aclosing(self._counted(requests, stream_context)) as responses:
+                async for response in responses:
+                    yield response
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            error = as_stage_error(exc, self.name)
+            await context.abort(error.code, error.message)
+        finally:
+            self._grpc_active -= 1

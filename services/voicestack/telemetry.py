@@ -1,0 +1,116 @@
+"""Telemetry for every process: W3C trace context across NATS and gRPC, OTel traces
+and metrics. Configured the OpenTelemetry way: OTEL_EXPORTER_OTLP_ENDPOINT turns on
+OTLP export, OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES / OTEL_TRACES_SAMPLER work
+unchanged. Every service also serves Prometheus metrics on its metrics port.
+
+Metric names (Prometheus form) are a contract with the chart's autoscalers and the
+dashboards in k8s/observability: change them only together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, propagate, trace
+
+_tracer = trace.get_tracer("voicestack")
+
+
+def inject(headers: dict) -> None:
+    """Add the current trace context (traceparent) to NATS headers or gRPC metadata."""
+    propagate.inject(headers)
+
+
+@contextlib.contextmanager
+def attach(headers: dict):
+    """Make the trace context carried in `headers` current for the block."""
+    token = otel_context.attach(propagate.extract(headers or {}))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+def tracer():
+    return _tracer
+
+
+class Meters:
+    """The instruments every service records into (see README, Observability)."""
+
+    def __init__(self, service: str):
+        meter = metrics.get_meter("voicestack")
+        self.service = service
+        self.stage_latency = meter.create_histogram(
+            "voicestack.stage.latency", unit="s",
+            description="Latency of a stage's work, by stage and kind (e.g. stt final, llm first token)",
+        )
+        self.voice_to_voice = meter.create_histogram(
+            "voicestack.voice_to_voice", unit="s",
+            description="End of user speech to first agent audio byte out of the edge",
+        )
+        self.opens_refused = meter.create_counter(
+            "voicestack.stream.opens.refused", description="Stream opens refused (capacity or draining)",
+        )
+        self.errors = meter.create_counter("voicestack.errors", description="Errors by stage and gRPC code")
+        self.compute_seconds = meter.create_counter(
+            "voicestack.compute", unit="s", description="Model compute time",
+        )
+        self.audio_seconds = meter.create_counter(
+            "voicestack.audio", unit="s", description="Seconds of audio processed (STT in, TTS out)",
+        )
+        self._gauges: dict[str, object] = {}
+
+    def observe_streams(self, active, capacity) -> None:
+        """Register callbacks reporting streams in flight and capacity for this replica."""
+        meter = metrics.get_meter("voicestack")
+        labels = {"stage": self.service}
+        meter.create_observable_gauge(
+            "voicestack.streams.active",
+            callbacks=[lambda options: [metrics.Observation(active(), labels)]],
+            description="Streams (sessions, for the edge) in flight on this replica",
+        )
+        meter.create_observable_gauge(
+            "voicestack.streams.capacity",
+            callbacks=[lambda options: [metrics.Observation(capacity(), labels)]],
+            description="Streams this replica takes before refusing",
+        )
+
+
+def setup(service: str, metrics_port: int) -> Meters:
+    """Install the SDK providers for this process. Call once, at start-up."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    os.environ.setdefault("OTEL_SERVICE_NAME", f"voicestack-{service}")
+    resource = Resource.create({"voicestack.service": service})
+    readers = []
+    if metrics_port > 0:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr=os.environ.get("VOICESTACK_METRICS_HOST", "0.0.0.0"))
+        readers.append(PrometheusMetricReader())
+    tracer_provider = TracerProvider(resource=resource)
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+    global _tracer
+    _tracer = trace.get_tracer("voicestack")
+    return Meters(service)
+
+
+def shutdown() -> None:
+    for provider in (trace.get_tracer_provider(), metrics.get_meter_provider()):
+        with contextlib.suppress(Exception):
+            provider.shutdown()

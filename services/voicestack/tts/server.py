@@ -1,0 +1,110 @@
+"""TTS stage: text arrives in pieces as the LLM writes it; audio leaves clause by
+clause, so the first words are spoken before the reply is finished."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+from voicestack.config import Settings
+from voicestack.errors import invalid
+from voicestack.stage import Stage, first_message
+from voicestack.tts.engine import KokoroEngine
+from voicestack.v1 import audio_pb2, tts_pb2, tts_pb2_grpc
+
+CHUNK_SECONDS = 0.1  # agent audio leaves in 100 ms chunks: barge-in drops at most that much queued
+MAX_PENDING_CHARS = 4000
+# A clause boundary: sentence end, or a comma/semicolon/colon once the clause is
+# long enough to sound natural on its own.
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*\s")
+_CLAUSE_END = re.compile(r"[,;:]\s")
+MIN_CLAUSE_WORDS = 4
+
+
+def split_clauses(text: str, final: bool = False) -> tuple[list[str], str]:
+    """Clauses ready to speak, and the rest still being written."""
+    ready = []
+    while True:
+        match = _SENTENCE_END.search(text)
+        clause = _CLAUSE_END.search(text)
+        if clause and (not match or clause.start() < match.start()) and len(text[: clause.end()].split()) >= MIN_CLAUSE_WORDS:
+            match = clause
+        if not match:
+            break
+        head, text = text[: match.end()].strip(), text[match.end():]
+        if head:
+            ready.append(head)
+    if final and text.strip():
+        ready.append(text.strip())
+        text = ""
+    return ready, text
+
+
+class TtsStage(Stage):
+    name = "tts"
+    request_type = tts_pb2.SynthesizeRequest
+    grpc_service_names = [tts_pb2.DESCRIPTOR.services_by_name["TtsService"].full_name]
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        self.engine = KokoroEngine(device=settings.device, threads=settings.threads)
+        self.voices = set(self.engine.voices())
+
+    def describe(self) -> dict:
+        return {"model": "kokoro-82m-int8", "device": self.settings.device, "voice": self._default_voice()}
+
+    def _default_voice(self) -> str:
+        return self.settings.tts_voice or self.engine.default_voice
+
+    def add_to_grpc(self, server) -> None:
+        tts_pb2_grpc.add_TtsServiceServicer_to_server(TtsServicer(self), server)
+
+    async def _speak(self, clause: str, voice: str, speed: float):
+        started = time.perf_counter()
+        pcm = (await asyncio.to_thread(self.engine.synthesize, clause, voice, speed)).tobytes()
+        compute = time.perf_counter() - started
+        rate = self.engine.sample_rate
+        self.record("clause", compute)
+        if self.meters:
+            self.meters.compute_seconds.add(compute, {"stage": self.name})
+            self.meters.audio_seconds.add(len(pcm) / 2 / rate, {"stage": self.name})
+        step = int(CHUNK_SECONDS * rate) * 2
+        for offset in range(0, len(pcm), step):
+            yield tts_pb2.SynthesizeResponse(
+                audio=audio_pb2.AudioChunk(pcm=pcm[offset: offset + step], sample_rate_hz=rate),
+                text=clause if offset == 0 else "", compute_seconds=compute if offset == 0 else 0.0,
+            )
+
+    async def stream(self, requests, context):
+        config = await first_message(requests, "config", "a TtsConfig")
+        voice = config.voice or self._default_voice()
+        if voice not in self.voices:
+            raise invalid(f"unknown voice {voice!r}; available: {', '.join(sorted(self.voices))}")
+        if config.speed and not 0.5 <= config.speed <= 2.0:
+            raise invalid(f"speed must be 0.5-2.0, got {config.speed}")
+        speed = config.speed or 1.0
+        pending = ""
+        async for request in requests:
+            if request.WhichOneof("kind") != "text":
+                raise invalid("send the TtsConfig once, then only text")
+            pending += request.text
+            if len(pending) > MAX_PENDING_CHARS:
+                raise invalid(f"over {MAX_PENDING_CHARS} characters without a clause boundary")
+            clauses, pending = split_clauses(pending)
+            for clause in clauses:
+                async for response in self._speak(clause, voice, speed):
+                    yield response
+        clauses, _ = split_clauses(pending, final=True)
+        for clause in clauses:
+            async for response in self._speak(clause, voice, speed):
+                yield response
+
+
+class TtsServicer(tts_pb2_grpc.TtsServiceServicer):
+    def __init__(self, stage: TtsStage):
+        self.stage = stage
+
+    async def Synthesize(self, request_iterator, context):
+        async for response in self.stage.serve_grpc(request_iterator, context):
+            yield response

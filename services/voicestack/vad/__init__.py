@@ -1,0 +1,1 @@
+"""Voice activity detection stage (Silero VAD v6)."""

@@ -1,0 +1,75 @@
+"""VAD stage: PCM16 at 16 kHz in, speech started/paused/resumed/ended events out."""
+
+from __future__ import annotations
+
+from voicestack.config import Settings
+from voicestack.errors import invalid
+from voicestack.stage import Stage, first_message
+from voicestack.v1 import vad_pb2, vad_pb2_grpc
+from voicestack.vad.engine import SileroVad
+
+EVENT_TYPES = {
+    "speech_started": vad_pb2.VAD_EVENT_TYPE_SPEECH_STARTED,
+    "speech_ended": vad_pb2.VAD_EVENT_TYPE_SPEECH_ENDED,
+    "speech_paused": vad_pb2.VAD_EVENT_TYPE_SPEECH_PAUSED,
+    "speech_resumed": vad_pb2.VAD_EVENT_TYPE_SPEECH_RESUMED,
+}
+MAX_CHUNK_BYTES = 16000 * 2  # one second: frames are 20-100 ms
+
+
+def _responses(events):
+    for event in events:
+        yield vad_pb2.DetectResponse(
+            type=EVENT_TYPES[event.type], offset_ms=event.offset_ms, decided_at_ms=event.decided_at_ms
+        )
+
+
+class VadStage(Stage):
+    name = "vad"
+    request_type = vad_pb2.DetectRequest
+    grpc_service_names = [vad_pb2.DESCRIPTOR.services_by_name["VadService"].full_name]
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        self.engine = SileroVad(threads=settings.threads or 1)
+
+    def describe(self) -> dict:
+        return {"model": "silero-vad-v6", "device": "cpu"}
+
+    def add_to_grpc(self, server) -> None:
+        vad_pb2_grpc.add_VadServiceServicer_to_server(VadServicer(self), server)
+
+    async def stream(self, requests, context):
+        config = await first_message(requests, "config", "a VadConfig")
+        if config.sample_rate_hz not in (0, 16000):
+            raise invalid(f"VAD takes 16000 Hz audio, not {config.sample_rate_hz}; resample first")
+        if not 0.0 <= config.threshold < 1.0:
+            raise invalid(f"threshold must be in [0, 1), got {config.threshold}")
+        for field in ("min_silence_ms", "min_speech_ms", "pause_ms"):
+            if not 0 <= getattr(config, field) <= 10_000:
+                raise invalid(f"{field} must be 0-10000 ms")
+        vad = self.engine.open(
+            threshold=config.threshold or 0.5,
+            min_silence_ms=config.min_silence_ms or 500,
+            min_speech_ms=config.min_speech_ms or 100,
+            pause_ms=config.pause_ms,
+        )
+        async for request in requests:
+            if request.WhichOneof("kind") != "audio":
+                raise invalid("send the VadConfig once, then only audio")
+            pcm = request.audio.pcm
+            if len(pcm) > MAX_CHUNK_BYTES:
+                raise invalid(f"audio chunk of {len(pcm)} bytes is over {MAX_CHUNK_BYTES}; send 20-100 ms frames")
+            for response in _responses(vad.feed(pcm)):  # ~0.3 ms a frame: cheaper than a thread hop
+                yield response
+        for response in _responses(vad.flush()):
+            yield response
+
+
+class VadServicer(vad_pb2_grpc.VadServiceServicer):
+    def __init__(self, stage: VadStage):
+        self.stage = stage
+
+    async def Detect(self, request_iterator, context):
+        async for response in self.stage.serve_grpc(request_iterator, context):
+            yield response

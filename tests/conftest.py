@@ -1,0 +1,50 @@
+"""Shared fixtures: real processes (nats-server + voicestack services) and real speech."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from voicestack.audio import PIPELINE_RATE, read_wav
+from voicestack.launcher import START_ORDER, Stack
+
+HUMAN_RECORDING = "/usr/share/sounds/alsa/Front_Center.wav"
+
+
+def speak(text: str, tmp_dir: Path, speed: int = 150) -> np.ndarray:
+    """`text` spoken by espeak-ng, as float32 at 16 kHz."""
+    assert shutil.which("espeak-ng"), "espeak-ng is needed: make test installs it"
+    path = tmp_dir / f"say-{abs(hash((text, speed)))}.wav"
+    subprocess.run(["espeak-ng", "-s", str(speed), "-w", str(path), text], check=True)
+    return read_wav(path)
+
+
+def silence(ms: int) -> np.ndarray:
+    return np.zeros(PIPELINE_RATE * ms // 1000, dtype=np.float32)
+
+
+def words(text: str) -> list[str]:
+    return "".join(c.lower() if c.isalnum() or c == "'" else " " for c in text).split()
+
+
+@pytest.fixture(scope="session")
+def speech_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("speech")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """The embedded default on free ports: nats-server and all five services."""
+    logs = tmp_path_factory.mktemp("logs")
+    with Stack(ports="free", log_dir=logs) as running:
+        running.start(START_ORDER)
+        yield running
+
+
+@pytest.fixture(scope="session")
+def edge_address(stack) -> str:
+    return stack.processes["edge"].address
