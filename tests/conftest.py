@@ -20,7 +20,11 @@ def speak(text: str, tmp_dir: Path, speed: int = 150) -> np.ndarray:
     assert shutil.which("espeak-ng"), "espeak-ng is needed: make test installs it"
     path = tmp_dir / f"say-{abs(hash((text, speed)))}.wav"
     subprocess.run(["espeak-ng", "-s", str(speed), "-w", str(path), text], check=True)
-    return read_wav(path)
+    audio = read_wav(path)
+    # espeak pads with silence; trim it so a test's pauses are the pauses it asks for.
+    loud = np.flatnonzero(np.abs(audio) > 0.02 * np.abs(audio).max())
+    pad = PIPELINE_RATE // 50
+    return audio[max(0, loud[0] - pad): loud[-1] + pad]
 
 
 def silence(ms: int) -> np.ndarray:

@@ -99,6 +99,8 @@ def cmd_up(args) -> int:
 
 
 def print_conversation(conversation) -> None:
+    if conversation.opening:
+        print(f"agent opened: {conversation.opening.reply_text.strip()!r}")
     for turn in conversation.replies:
         print(f"you said:   {turn.transcript!r}")
         print(f"agent said: {turn.reply_text.strip()!r}")
@@ -134,7 +136,8 @@ async def _talk(args) -> int:
         print(f"talk: {conversation.status.name}: {conversation.details}", file=sys.stderr)
         return 1
     print_conversation(conversation)
-    audio_out = b"".join(bytes(t.audio) for t in conversation.replies)
+    turns = ([conversation.opening] if conversation.opening else []) + conversation.replies
+    audio_out = b"".join(bytes(t.audio) for t in turns)
     if args.out:
         write_wav(args.out, audio_out, conversation.output_rate)
         print(f"wrote {len(audio_out) / 2 / conversation.output_rate:.1f}s of agent audio to {args.out}")
@@ -153,6 +156,12 @@ def cmd_demo(args) -> int:
         return cmd_talk(args)
     finally:
         stack.stop_all()
+
+
+def cmd_status(args) -> int:
+    from voicestack import status
+
+    return status.run(args)
 
 
 def add_talk_flags(parser) -> None:
@@ -186,6 +195,19 @@ def main(argv=None) -> int:
     add_talk_flags(demo)
     demo.add_argument("--log-dir", default="build/logs")
     demo.set_defaults(run=cmd_demo)
+
+    status = commands.add_parser(
+        "status", help="every stage's replicas, load, latency and errors, from the bus (and the cluster)",
+        description="Exit status: 0 healthy, 1 a stage has an error-level problem, 2 the bus or cluster is unreachable.")
+    status.add_argument("--nats-url", default="nats://127.0.0.1:4222", help="comma-separated NATS server URLs")
+    status.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                        help="redraw every SECONDS (default 2) until Ctrl-C")
+    status.add_argument("--json", action="store_true", help="print JSON (with --watch: one line per reading)")
+    status.add_argument("--kube", action="store_true", help="add the Kubernetes view: Deployments, autoscalers, pods")
+    status.add_argument("--namespace", default=None, help="default: the in-cluster or kubeconfig context's namespace")
+    status.add_argument("--release", default="voicestack", help="Helm release (label app.kubernetes.io/instance)")
+    status.add_argument("--kubeconfig", default=None, help="default: in-cluster config, else $KUBECONFIG or ~/.kube/config")
+    status.set_defaults(run=cmd_status)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -43,7 +43,12 @@ class Conversation:
 
     @property
     def replies(self) -> list[TurnResult]:
-        return [self.turns[i] for i in sorted(self.turns)]
+        """The user's turns and the agent's answers (turn 0, the agent speaking first, is `opening`)."""
+        return [self.turns[i] for i in sorted(self.turns) if i > 0]
+
+    @property
+    def opening(self) -> TurnResult | None:
+        return self.turns.get(0)
 
     def record(self, event: edge_pb2.ConverseResponse) -> None:
         self.events.append(event)
@@ -129,7 +134,7 @@ async def converse(
                 conversation.record(event)
                 if on_event:
                     on_event(event)
-                ended = [t for t in conversation.turns.values() if t.ended or t.interrupted]
+                ended = [t for t in conversation.replies if t.ended or t.interrupted]
                 if len(ended) >= expect_turns:
                     done.set()
                     break

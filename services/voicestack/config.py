@@ -57,9 +57,19 @@ class Settings:
     # STT model: "" = embedded tiny.en, or a faster-whisper size name / CTranslate2 path.
     stt_model: str = ""
     tts_voice: str = ""
-    system_prompt: str = (
-        "You are a friendly voice assistant. Answer in one or two short spoken sentences."
-    )
+    # Measured on the embedded SmolLM2-135M: naming the language keeps it from drifting into French.
+    system_prompt: str = "You are a helpful assistant who speaks English. Reply in one short sentence."
+    # Edge: the AI disclosure the agent speaks first in every session (EU AI Act
+    # transparency). Clients cannot turn it off or interrupt it; operators can.
+    disclosure: bool = True
+    disclosure_text: str = "You are talking to an AI assistant."
+    # Edge: speculative replies when a session does not choose (see BENCHMARKS.md).
+    speculation: bool = False
+    # Edge: user speech shorter than this does not interrupt the agent.
+    barge_in_min_speech_ms: int = 400
+    # Edge: agent audio is sent at most this far ahead of the client's playback,
+    # so an interruption has little audio to take back.
+    audio_lead_ms: int = 300
     # Edge only: file of sha256 hex digests of accepted API keys, one a line ("" = no auth).
     api_keys_file: str = ""
     log_level: str = "INFO"
@@ -106,7 +116,8 @@ def add_flags(parser) -> None:
         kind = type(getattr(Settings(), f.name))
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action="store_true", default=None)
+            parser.add_argument(flag, dest=f.name, nargs="?", const=True, default=None, metavar="BOOL",
+                                type=lambda raw: _coerce(bool, raw, flag))
         else:
             parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper())
 

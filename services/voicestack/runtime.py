@@ -9,6 +9,7 @@ reflection, and a graceful drain on SIGTERM. A service supplies only its own par
         async def drain(self, deadline_seconds: float) -> None
         active: int; capacity: int      # streams in flight, and the most it takes
         def describe(self) -> dict      # model, device: for `voicestack up` and status
+        def snapshot(self) -> dict      # live numbers, announced on NATS (discovery.py)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import nats
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from voicestack import telemetry
+from voicestack import discovery, telemetry
 from voicestack.config import Settings, public_view
 
 log = logging.getLogger(__name__)
@@ -99,15 +100,19 @@ async def serve(service, settings: Settings) -> None:
         server.add_insecure_port(address)
 
     await service.start(nc, meters)
+    announcement = await discovery.announce(nc, service)  # `$SRV.*`: what `voicestack status` reads
     await server.start()
     for name in ["", *service.grpc_service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready on %s (%s)", address, json.dumps(service.describe()))
 
     await stop.wait()
+    announcement.draining = True  # visible on the bus at once, before the drain begins
     log.info("SIGTERM: draining for up to %.0fs (%d streams open)", settings.drain_seconds, service.active)
     await health_servicer.enter_graceful_shutdown()
     await service.drain(settings.drain_seconds)
+    with contextlib.suppress(Exception):
+        await announcement.stop()  # off the bus once its streams are done
     await server.stop(grace=1.0)
     with contextlib.suppress(Exception):
         await nc.drain()

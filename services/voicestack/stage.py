@@ -5,6 +5,7 @@ as its own gRPC API, with one count of streams in flight against one capacity.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import AsyncIterator
@@ -66,6 +67,18 @@ class Stage:
             await self.endpoint.drain(deadline_seconds)
             await self.endpoint.close()
 
+    def snapshot(self) -> dict:
+        """This replica's state, as `voicestack status` shows it."""
+        stats = self.endpoint.stats if self.endpoint else None
+        return {
+            "stage": self.name, "replica_id": self.settings.replica_id, **self.describe(),
+            "active": self.active, "capacity": self.capacity,
+            "served": stats.streams_served if stats else 0, "cancelled": stats.streams_cancelled if stats else 0,
+            "refused": stats.opens_refused if stats else 0, "errors": stats.errors if stats else 0,
+            "started_at": stats.started_at if stats else 0.0,
+            "draining": bool(self.endpoint and self.endpoint.draining),
+        }
+
     def record(self, kind: str, seconds: float) -> None:
         if self.meters:
             self.meters.stage_latency.record(seconds, {"stage": self.name, "kind": kind})
@@ -77,6 +90,10 @@ class Stage:
         except StageError as exc:
             if self.meters:
                 self.meters.errors.add(1, {"stage": self.name, "code": exc.code.name})
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # cancelled mid-stream by its opener
+            if self.meters:
+                self.meters.streams_cancelled.add(1, {"stage": self.name})
             raise
 
     async def serve_grpc(self, requests: AsyncIterator, context: grpc.aio.ServicerContext) -> AsyncIterator:

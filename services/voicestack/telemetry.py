@@ -16,6 +16,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 
 _tracer = trace.get_tracer("voicestack")
+# Seconds; dense around the 300 ms a human pause takes.
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0]
 
 
 def inject(headers: dict) -> None:
@@ -46,13 +48,18 @@ class Meters:
         self.stage_latency = meter.create_histogram(
             "voicestack.stage.latency", unit="s",
             description="Latency of a stage's work, by stage and kind (e.g. stt final, llm first token)",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
         )
         self.voice_to_voice = meter.create_histogram(
             "voicestack.voice_to_voice", unit="s",
             description="End of user speech to first agent audio byte out of the edge",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
         )
         self.opens_refused = meter.create_counter(
             "voicestack.stream.opens.refused", description="Stream opens refused (capacity or draining)",
+        )
+        self.streams_cancelled = meter.create_counter(
+            "voicestack.streams.cancelled", description="Streams cancelled by their opener (barge-in, hang-up)",
         )
         self.errors = meter.create_counter("voicestack.errors", description="Errors by stage and gRPC code")
         self.compute_seconds = meter.create_counter(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 
 import grpc
@@ -68,6 +69,8 @@ class EdgeService:
         self.stages: StageClient | None = None
         self.meters = None
         self.draining = False
+        self.served = self.refused = self.errors = 0
+        self.started_at = time.time()
 
     @property
     def active(self) -> int:
@@ -75,6 +78,13 @@ class EdgeService:
 
     def describe(self) -> dict:
         return {"model": "-", "device": "cpu"}
+
+    def snapshot(self) -> dict:
+        return {
+            "stage": "edge", "replica_id": self.settings.replica_id, **self.describe(),
+            "active": self.active, "capacity": self.capacity, "served": self.served, "cancelled": 0,
+            "refused": self.refused, "errors": self.errors, "started_at": self.started_at, "draining": self.draining,
+        }
 
     def add_to_grpc(self, server) -> None:
         edge_pb2_grpc.add_EdgeServiceServicer_to_server(EdgeServicer(self), server)
@@ -111,8 +121,10 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     async def Converse(self, request_iterator, context: grpc.aio.ServicerContext):
         edge = self.edge
         if edge.draining:
+            edge.refused += 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, "edge is draining; reconnect to another replica")
         if edge.active >= edge.capacity:
+            edge.refused += 1
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"edge is at its session limit ({edge.capacity}); retry in a few seconds")
         session = None
@@ -136,7 +148,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 yield event
             if session.failure:
                 raise session.failure
+            edge.served += 1
         except StageError as error:
+            edge.errors += 1
             await context.abort(error.code, str(error))
         finally:
             if reader:

@@ -3,15 +3,20 @@
 The session owns what the stages must not know: the history, the turn state and
 the clock. Audio flows in; VAD events drive the turns:
 
-  speech started -> open an STT stream, send it the utterance's audio from its start
-  speech ended   -> end the STT stream; on its final transcript start the reply:
-                    LLM deltas go to TTS as they arrive, TTS audio to the client
-                    from its first chunk
-  speech during a reply (barge-in) -> cancel LLM and TTS, drop queued audio, keep in
-                    the history only what the client heard
+  speech started  -> an Utterance: an STT stream fed the audio from the speech start
+  speech paused   -> (speculation on) a held Reply on the transcript so far
+  speech resumed  -> the held Reply is thrown away (a miss)
+  speech ended    -> the STT stream ends; on its final transcript a Reply starts, or
+                     the held one is released if it heard the same words (a hit)
+  speech over the agent, long enough, once the disclosure has played (barge-in)
+                  -> cancel LLM and TTS, drop queued audio, keep in the history only
+                     what the client heard
+
+A Reply streams LLM text into TTS as it arrives, and TTS audio to the client from
+its first chunk, paced to stay just ahead of playback.
 
 Latencies are measured between named events. end_of_speech is when the audio at the
-VAD's speech-end offset arrived at the edge (not when the VAD decided).
+VAD's speech-end offset arrived at the edge, not when the VAD decided.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from voicestack.audio import PIPELINE_RATE, pcm16_to_float, resample, float_to_pcm16
+from voicestack.audio import PIPELINE_RATE, float_to_pcm16, pcm16_to_float, resample
 from voicestack.bus import StageClient, StageStream
 from voicestack.errors import StageError
 from voicestack.v1 import audio_pb2, edge_pb2, llm_pb2, stt_pb2, tts_pb2, vad_pb2
@@ -33,42 +38,116 @@ from voicestack.v1 import audio_pb2, edge_pb2, llm_pb2, stt_pb2, tts_pb2, vad_pb
 log = logging.getLogger(__name__)
 
 PRE_ROLL_MS = 200  # audio before the VAD's speech start, so first phonemes are not clipped
-RING_MS = 2000  # audio kept before an utterance starts
+RING_MS = 2000  # audio kept while nobody speaks
 MAX_EVENTS_QUEUED = 2000  # a client this far behind is not reading: end its session
+VAD_EVENT = vad_pb2.VadEventType
 
 
 @dataclass
-class Endpointing:
+class TurnTaking:
+    """Per-session turn-taking settings (SessionConfig, else the server's defaults)."""
+
     silence_ms: int = 600
     min_speech_ms: int = 200
     max_utterance_ms: int = 30000
+    speculation: bool = False
+    speculative_pause_ms: int = 250
+    interruptible: bool = True
+    barge_in_min_speech_ms: int = 400
 
     @classmethod
-    def from_config(cls, config: edge_pb2.EndpointingConfig) -> "Endpointing":
+    def from_config(cls, config: edge_pb2.SessionConfig, settings) -> "TurnTaking":
+        e, i = config.endpointing, config.interruption
+        speculation = {edge_pb2.SPECULATION_MODE_ON: True, edge_pb2.SPECULATION_MODE_OFF: False}
         return cls(
-            silence_ms=config.silence_ms or cls.silence_ms,
-            min_speech_ms=config.min_speech_ms or cls.min_speech_ms,
-            max_utterance_ms=config.max_utterance_ms or cls.max_utterance_ms,
+            silence_ms=e.silence_ms or cls.silence_ms,
+            min_speech_ms=e.min_speech_ms or cls.min_speech_ms,
+            max_utterance_ms=e.max_utterance_ms or cls.max_utterance_ms,
+            speculation=speculation.get(e.speculation, settings.speculation),
+            speculative_pause_ms=e.speculative_pause_ms or cls.speculative_pause_ms,
+            interruptible=not i.disabled,
+            barge_in_min_speech_ms=i.min_speech_ms or settings.barge_in_min_speech_ms,
         )
 
 
+async def send_audio(stt: StageStream, pcm: bytes, chunk_ms: int = 500) -> None:
+    """PCM16 to an STT stream in chunks it accepts (a backlog can be seconds long)."""
+    step = PIPELINE_RATE * chunk_ms // 1000 * 2
+    for offset in range(0, len(pcm), step):
+        chunk = audio_pb2.AudioChunk(pcm=pcm[offset: offset + step], sample_rate_hz=PIPELINE_RATE)
+        await stt.send(stt_pb2.TranscribeRequest(audio=chunk))
+
+
+def normalized(text: str) -> str:
+    return " ".join("".join(c.lower() if c.isalnum() else " " for c in text).split())
+
+
 @dataclass
-class Turn:
-    index: int
-    start_ms: int
-    stt: StageStream | None = None
-    sent_to_stt_ms: int = 0
-    end_of_speech: float = 0.0  # wall time the last speech sample arrived
-    decided: float = 0.0  # wall time the VAD ended the turn
-    stt_task: asyncio.Task | None = None
-    reply_task: asyncio.Task | None = None
+class Reply:
+    """The agent's answer to one turn, or the words it speaks first."""
+
+    turn_index: int
+    user_text: str = ""  # what the LLM answers ("" for fixed words)
+    fixed: list = field(default_factory=list)  # [(text, interruptible)] spoken without the LLM
     metrics: edge_pb2.TurnMetrics = field(default_factory=edge_pb2.TurnMetrics)
-    reply_text: str = ""
-    spoken: list = field(default_factory=list)  # (clause text, audio ms) in the order sent
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # a held (speculative) reply is not
+    after: asyncio.Task | None = None  # the reply that must finish speaking first
+    task: asyncio.Task | None = None
+    streams: list = field(default_factory=list)
+    text: str = ""
+    spoken: list = field(default_factory=list)  # (clause, audio ms where it starts)
     audio_sent_ms: float = 0.0
+    protected: bool = False  # starts with words that cannot be interrupted (the disclosure)
+    protected_ms: float = 0.0  # ... and they end here in its audio, once known
+    end_of_speech: float = 0.0
     tts_first_text_at: float = 0.0
     first_audio_at: float = 0.0
-    played_ms: int = -1  # the client's last playback report, -1 = none
+    played_report_ms: int = -1
+
+    def played_ms(self) -> float:
+        """The client's report if it sent one, else the clock since the first chunk."""
+        if self.played_report_ms >= 0:
+            played = self.played_report_ms
+        elif self.first_audio_at:
+            played = (time.monotonic() - self.first_audio_at) * 1000
+        else:
+            played = 0.0
+        return min(played, self.audio_sent_ms)
+
+    def speaking(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def interruptible_now(self) -> bool:
+        if not self.protected:
+            return True
+        return self.protected_ms > 0 and self.played_ms() >= self.protected_ms
+
+    def heard_text(self, played: float) -> str:
+        words = []
+        for i, (text, start_ms) in enumerate(self.spoken):
+            end_ms = self.spoken[i + 1][1] if i + 1 < len(self.spoken) else self.audio_sent_ms
+            if played >= end_ms:
+                words += text.split()
+            elif played > start_ms:  # part of this clause: words in proportion to the time
+                clause = text.split()
+                words += clause[: int(len(clause) * (played - start_ms) / max(1.0, end_ms - start_ms))]
+        return " ".join(words)
+
+
+@dataclass
+class Utterance:
+    """What the user is saying now."""
+
+    index: int
+    start_ms: int  # first audio sent to STT (speech start less the pre-roll)
+    speech_ms: int  # where the VAD heard speech start
+    speech_wall: float  # when that audio arrived
+    over_agent: bool = False  # began while the agent spoke: interrupts once long enough
+    stt: StageStream | None = None
+    sent_to_stt_ms: int = 0
+    stt_task: asyncio.Task | None = None
+    speculation: Reply | None = None
+    metrics: edge_pb2.TurnMetrics = field(default_factory=edge_pb2.TurnMetrics)
 
 
 class Session:
@@ -78,21 +157,24 @@ class Session:
         self.settings = settings
         self.meters = meters
         self.input_rate = config.input_format.sample_rate_hz or PIPELINE_RATE
-        self.endpointing = Endpointing.from_config(config.endpointing)
+        self.turn_taking = TurnTaking.from_config(config, settings)
         self.voice = config.voice
+        self.greeting = config.greeting
         self.max_reply_tokens = config.max_reply_tokens
         self.history: list[tuple[int, str]] = [(llm_pb2.CHAT_ROLE_SYSTEM, config.system_prompt or settings.system_prompt)]
         self.events: asyncio.Queue = asyncio.Queue(MAX_EVENTS_QUEUED)
         self.turn_count = 0
-        self.turn: Turn | None = None  # the utterance being heard
-        self.replying: Turn | None = None  # the turn whose reply is being spoken
+        self.utterance: Utterance | None = None
+        self.reply: Reply | None = None  # the reply being spoken (or about to be)
+        self.speculative_hits = self.speculative_misses = self.interruptions = 0
+        self.monologue: list[str] = []  # parts of an utterance cut at max_utterance_ms, not yet answered
         self.audio = bytearray()  # 16 kHz PCM16 since `audio_base_ms`
         self.audio_base_ms = 0
         self.arrivals: deque = deque(maxlen=4000)  # (audio end ms, wall time)
         self.vad: StageStream | None = None
-        self._tasks: set[asyncio.Task] = set()
-        self._vad_task: asyncio.Task | None = None
         self.failure: StageError | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._turns_finishing: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -111,14 +193,26 @@ class Session:
         """End the session with `error` (the servicer turns it into the call's status)."""
         if self.failure is None:
             self.failure = error
-            with contextlib.suppress(asyncio.QueueFull):
-                self.events.put_nowait(None)
+            self._end_events()
+
+    def _end_events(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self.events.put_nowait(None)
 
     def spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            if isinstance(error, StageError):
+                self._turn_error(self.turn_count, error)
+            else:
+                log.error("session %s: %s failed", self.id, task.get_coro().__qualname__, exc_info=error)
 
     def wall_time_at(self, offset_ms: int) -> float:
         """When the audio at `offset_ms` arrived."""
@@ -127,32 +221,47 @@ class Session:
                 return wall
         return time.monotonic()
 
-    def audio_since(self, offset_ms: int) -> bytes:
-        start = max(0, (offset_ms - self.audio_base_ms) * PIPELINE_RATE // 1000 * 2)
-        return bytes(self.audio[start:])
+    def audio_between(self, start_ms: int, end_ms: int | None = None) -> bytes:
+        def index(ms):
+            return max(0, (ms - self.audio_base_ms) * PIPELINE_RATE // 1000 * 2)
+        return bytes(self.audio[index(start_ms): None if end_ms is None else index(end_ms)])
+
+    def _turn_error(self, index: int, error: StageError) -> None:
+        log.warning("session %s turn %d: %s", self.id, index, error)
+        if self.meters:
+            self.meters.errors.add(1, {"stage": error.stage or "edge", "code": error.code.name})
+        self.emit(error=edge_pb2.Error(code=error.code.value[0], message=str(error), stage=error.stage))
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        tt = self.turn_taking
         self.vad = await self.stages.open(
             "vad", vad_pb2.DetectResponse,
             vad_pb2.DetectRequest(config=vad_pb2.VadConfig(
-                sample_rate_hz=PIPELINE_RATE, min_silence_ms=self.endpointing.silence_ms,
-                min_speech_ms=self.endpointing.min_speech_ms,
+                sample_rate_hz=PIPELINE_RATE, min_silence_ms=tt.silence_ms, min_speech_ms=tt.min_speech_ms,
+                pause_ms=tt.speculative_pause_ms if tt.speculation else 0,
             )),
             session_id=self.id, replay=False,
         )
-        self._vad_task = self.spawn(self._read_vad())
+        self.spawn(self._read_vad())
+        fixed = []
+        if self.settings.disclosure and self.settings.disclosure_text:
+            fixed.append((self.settings.disclosure_text, False))
+        if self.greeting:
+            fixed.append((self.greeting, True))
+        if fixed:
+            self._start_reply(Reply(turn_index=0, fixed=fixed))
 
     async def finish_input(self) -> None:
         """The client closed its side: finish the turn in progress, then end."""
-        if self.vad:
-            await self.vad.end()
+        await self.vad.end()
 
     async def close(self) -> None:
-        for turn in (self.turn, self.replying):
-            if turn:
-                await self._cancel_turn(turn)
+        if self.utterance:
+            await self._drop_utterance(self.utterance)
+        if self.reply:
+            await self._cancel_reply(self.reply)
         if self.vad:
             await self.vad.cancel()
         for task in list(self._tasks):
@@ -166,206 +275,368 @@ class Session:
         self.audio += pcm
         self.arrivals.append((self.audio_ms, time.monotonic()))
         await self.vad.send(vad_pb2.DetectRequest(audio=audio_pb2.AudioChunk(pcm=pcm, sample_rate_hz=PIPELINE_RATE)))
-        turn = self.turn
-        if turn is not None and turn.stt is not None:
-            await self._feed_stt(turn)
-            if self.audio_ms - turn.start_ms > self.endpointing.max_utterance_ms:
-                # A monologue is cut into turns; the next one starts at once.
-                await self._end_utterance(self.audio_ms)
-                await self._start_utterance(self.audio_ms)
-        elif turn is None:
-            self._trim_ring()
+        u = self.utterance
+        if u is None:
+            excess = len(self.audio) - RING_MS * PIPELINE_RATE // 1000 * 2
+            if excess > 0:
+                del self.audio[:excess]
+                self.audio_base_ms += excess // 2 * 1000 // PIPELINE_RATE
+            return
+        await self._feed_stt(u)
+        if u.over_agent:
+            await self._maybe_barge_in(u)
+        if self.audio_ms - u.start_ms > self.turn_taking.max_utterance_ms:
+            # A monologue is cut into turns: this part is heard now, answered at the end.
+            await self._end_utterance(self.audio_ms, reply=False)
+            await self._start_utterance(self.audio_ms)
 
-    def _trim_ring(self) -> None:
-        excess = len(self.audio) - RING_MS * PIPELINE_RATE // 1000 * 2
-        if excess > 0:
-            excess -= excess % 2
-            del self.audio[:excess]
-            self.audio_base_ms += excess // 2 * 1000 // PIPELINE_RATE
+    async def _feed_stt(self, u: Utterance) -> None:
+        pcm = self.audio_between(u.sent_to_stt_ms)
+        if pcm and u.stt is not None:
+            u.sent_to_stt_ms = self.audio_ms
+            await send_audio(u.stt, pcm)
 
-    async def _feed_stt(self, turn: Turn) -> None:
-        pcm = self.audio_since(turn.sent_to_stt_ms)
-        if pcm:
-            turn.sent_to_stt_ms = self.audio_ms
-            await turn.stt.send(stt_pb2.TranscribeRequest(audio=audio_pb2.AudioChunk(pcm=pcm, sample_rate_hz=PIPELINE_RATE)))
+    def on_playback(self, report: edge_pb2.PlaybackPosition) -> None:
+        if self.reply and self.reply.turn_index == report.turn_index:
+            self.reply.played_report_ms = max(0, report.played_ms)
 
     # ------------------------------------------------------------------ VAD events
 
     async def _read_vad(self) -> None:
         try:
             async for event in self.vad:
-                if event.type == vad_pb2.VAD_EVENT_TYPE_SPEECH_STARTED:
+                u = self.utterance
+                if event.type == VAD_EVENT.VAD_EVENT_TYPE_SPEECH_STARTED:
                     await self._start_utterance(event.offset_ms)
-                elif event.type == vad_pb2.VAD_EVENT_TYPE_SPEECH_ENDED and self.turn is not None:
+                elif u is None:
+                    continue
+                elif event.type == VAD_EVENT.VAD_EVENT_TYPE_SPEECH_ENDED:
                     await self._end_utterance(event.offset_ms)
-            # VAD input ended (client closed): wait for the turns in flight, then end.
-            for turn in (self.turn, self.replying):
-                if turn and turn.reply_task:
-                    with contextlib.suppress(asyncio.CancelledError, StageError):
-                        await turn.reply_task
-            with contextlib.suppress(asyncio.QueueFull):
-                self.events.put_nowait(None)
+                elif event.type == VAD_EVENT.VAD_EVENT_TYPE_SPEECH_PAUSED:
+                    self._speculate(u, event.offset_ms)
+                elif event.type == VAD_EVENT.VAD_EVENT_TYPE_SPEECH_RESUMED and u.speculation:
+                    await self._speculation_missed(u)
+            # The client closed its side: let the last turn and reply finish, then end the call.
+            while self._turns_finishing:
+                await asyncio.gather(*self._turns_finishing, return_exceptions=True)
+            if self.reply and self.reply.task:
+                with contextlib.suppress(asyncio.CancelledError, StageError):
+                    await self.reply.task
+            self._end_events()
         except StageError as error:
             self.fail(error)
 
-    async def _start_utterance(self, offset_ms: int) -> None:
-        if self.replying is not None:
-            await self._barge_in()
+    async def _start_utterance(self, speech_ms: int) -> None:
         self.turn_count += 1
-        start = max(self.audio_base_ms, offset_ms - PRE_ROLL_MS)
-        turn = Turn(index=self.turn_count, start_ms=start, sent_to_stt_ms=start)
-        self.turn = turn
-        self.emit(speech_started=edge_pb2.SpeechStarted(turn_index=turn.index, offset_ms=offset_ms))
+        start = max(self.audio_base_ms, speech_ms - PRE_ROLL_MS)
+        u = Utterance(self.turn_count, start, speech_ms, self.wall_time_at(speech_ms), sent_to_stt_ms=start)
+        self.utterance = u
+        self.emit(speech_started=edge_pb2.SpeechStarted(turn_index=u.index, offset_ms=speech_ms))
+        reply = self.reply
+        if reply is not None:
+            if reply.user_text and not reply.first_audio_at and not reply.protected:
+                await self._cancel_reply(reply)  # the user was not done: that reply is stale
+            else:
+                u.over_agent = True  # a cough must not cut the agent off: wait for more speech
         try:
-            turn.stt = await self.stages.open(
+            u.stt = await self.stages.open(
                 "stt", stt_pb2.TranscribeResponse,
                 stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(sample_rate_hz=PIPELINE_RATE, interim_results=True)),
                 session_id=self.id,
             )
         except StageError as error:
-            self._turn_error(turn, error)
-            self.turn = None
+            self._turn_error(u.index, error)
+            self.utterance = None
             return
-        await self._feed_stt(turn)
-        turn.stt_task = self.spawn(self._read_stt(turn))
+        await self._feed_stt(u)
+        u.stt_task = self.spawn(self._read_stt(u))
+        if u.over_agent:
+            await self._maybe_barge_in(u)
 
-    async def _end_utterance(self, offset_ms: int) -> None:
-        turn, self.turn = self.turn, None
-        turn.decided = time.monotonic()
-        turn.end_of_speech = min(self.wall_time_at(offset_ms), turn.decided)
-        turn.metrics.endpointing_ms = (turn.decided - turn.end_of_speech) * 1000
-        self.emit(speech_ended=edge_pb2.SpeechEnded(turn_index=turn.index, offset_ms=offset_ms))
-        if turn.stt is None:
-            return
-        await self._feed_stt(turn)
-        await turn.stt.end()
-        turn.reply_task = self.spawn(self._reply(turn))
-        self.replying = turn
-
-    async def _read_stt(self, turn: Turn) -> str:
+    async def _read_stt(self, u: Utterance) -> str:
         final = ""
-        async for result in turn.stt:
-            self.emit(transcript=edge_pb2.Transcript(turn_index=turn.index, text=result.text, is_final=result.is_final))
+        async for result in u.stt:
+            if not u.over_agent:  # speech under the agent stays private until it interrupts
+                self.emit(transcript=edge_pb2.Transcript(turn_index=u.index, text=result.text, is_final=result.is_final))
             if result.is_final:
                 final = result.text
-        return final
+        return final.strip()
 
-    def _turn_error(self, turn: Turn, error: StageError) -> None:
-        log.warning("session %s turn %d: %s", self.id, turn.index, error)
-        if self.meters:
-            self.meters.errors.add(1, {"stage": error.stage or "edge", "code": error.code.name})
-        self.emit(error=edge_pb2.Error(code=error.code.value[0], message=str(error), stage=error.stage))
-
-    # ------------------------------------------------------------------ the reply
-
-    async def _reply(self, turn: Turn) -> None:
-        llm = tts = None
-        try:
-            text = (await turn.stt_task).strip()
-            turn.metrics.stt_final_ms = (time.monotonic() - turn.decided) * 1000
-            if not text:  # noise, a cough: no reply
+    async def _end_utterance(self, speech_end_ms: int, reply: bool = True) -> None:
+        u, self.utterance = self.utterance, None
+        if u.over_agent:
+            if speech_end_ms - u.speech_ms < self.turn_taking.barge_in_min_speech_ms:
+                await self._drop_utterance(u)  # a cough, an "mm-hm": the agent goes on
                 return
-            self.history.append((llm_pb2.CHAT_ROLE_USER, text))
-            request = llm_pb2.GenerateRequest(
-                messages=[llm_pb2.ChatMessage(role=role, content=content) for role, content in self.history],
-                max_tokens=self.max_reply_tokens, temperature=self.settings.llm_temperature,
-            )
-            llm_sent = time.monotonic()
-            llm, tts = await asyncio.gather(
-                self.stages.open("llm", llm_pb2.GenerateResponse, request, session_id=self.id),
-                self.stages.open("tts", tts_pb2.SynthesizeResponse,
-                                 tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(voice=self.voice)), session_id=self.id),
-            )
-            pump = self.spawn(self._pump_llm_to_tts(turn, llm, tts, llm_sent))
-            async for result in tts:
-                await self._send_audio(turn, result)
-            await pump
-            self.history.append((llm_pb2.CHAT_ROLE_ASSISTANT, turn.reply_text.strip()))
-            turn.metrics.turn_index = turn.index
-            turn.metrics.agent_audio_ms = turn.audio_sent_ms
-            self.emit(turn_metrics=turn.metrics)
-            self.emit(agent_turn_ended=edge_pb2.AgentTurnEnded(turn_index=turn.index, text=turn.reply_text.strip()))
-            self._record(turn)
-        except StageError as error:
-            self._turn_error(turn, error)
-            for stream in (llm, tts):
-                if stream:
-                    await stream.cancel()
-        finally:
-            if self.replying is turn:
-                self.replying = None
+            u.over_agent = False  # a real turn that could not interrupt: answered after the agent
+        decided = time.monotonic()
+        end_of_speech = min(self.wall_time_at(speech_end_ms), decided)
+        u.metrics.endpointing_ms = (decided - end_of_speech) * 1000
+        self.emit(speech_ended=edge_pb2.SpeechEnded(turn_index=u.index, offset_ms=speech_end_ms))
+        if u.stt is None:
+            return
+        await self._feed_stt(u)
+        await u.stt.end()
+        task = self.spawn(self._finish_turn(u, decided, end_of_speech, reply))
+        self._turns_finishing.add(task)
+        task.add_done_callback(self._turns_finishing.discard)
 
-    async def _pump_llm_to_tts(self, turn: Turn, llm: StageStream, tts: StageStream, llm_sent: float) -> None:
+    async def _finish_turn(self, u: Utterance, decided: float, end_of_speech: float, reply: bool) -> None:
+        try:
+            text = await u.stt_task
+        except StageError as error:
+            self._turn_error(u.index, error)
+            return
+        u.metrics.stt_final_ms = (time.monotonic() - decided) * 1000
+        spec = u.speculation
+        if (spec and spec.user_text and normalized(spec.user_text) == normalized(text)
+                and spec.task and not spec.task.done()):
+            self.speculative_hits += 1
+            spec.metrics.speculative_hit = True
+            chosen = spec
+        else:
+            if spec:
+                await self._speculation_missed(u)
+            chosen = None
+        if not reply:
+            if text:
+                self.monologue.append(text)
+            return
+        if self.monologue:  # the last part of a long utterance: answer all of it
+            text = " ".join([*self.monologue, text]).strip()
+            self.monologue.clear()
+            chosen = None
+            if spec:
+                await self._cancel_reply(spec)
+        if not text:  # noise: nothing to answer
+            return
+        if chosen is None:
+            chosen = self._start_reply(Reply(turn_index=u.index, user_text=text))
+        chosen.metrics.endpointing_ms = u.metrics.endpointing_ms
+        chosen.metrics.stt_final_ms = u.metrics.stt_final_ms
+        chosen.end_of_speech = end_of_speech
+        self._release(chosen)
+
+    async def _drop_utterance(self, u: Utterance) -> None:
+        for task in (u.stt_task,):
+            if task and not task.done():
+                task.cancel()
+        if u.stt:
+            await u.stt.cancel()
+        if u.speculation:
+            await self._cancel_reply(u.speculation)
+
+    def _add_user_text(self, text: str) -> None:
+        role, content = self.history[-1]
+        if role == llm_pb2.CHAT_ROLE_USER:  # a turn whose reply was cut before a word: one message
+            self.history[-1] = (role, f"{content} {text}")
+        else:
+            self.history.append((llm_pb2.CHAT_ROLE_USER, text))
+
+    # ------------------------------------------------------------------ speculation
+
+    def _speculate(self, u: Utterance, pause_ms: int) -> None:
+        if not self.turn_taking.speculation or u.speculation or u.over_agent or self.reply is not None:
+            return
+        spec = Reply(turn_index=u.index)
+        u.speculation = spec
+        # All the audio so far, pause included: the final decode sees the same plus silence.
+        spec.task = self.spawn(self._speculative_reply(spec, self.audio_between(u.start_ms)))
+
+    async def _speculative_reply(self, spec: Reply, audio: bytes) -> None:
+        stt = await self.stages.open(
+            "stt", stt_pb2.TranscribeResponse,
+            stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(sample_rate_hz=PIPELINE_RATE)), session_id=self.id,
+        )
+        spec.streams.append(stt)
+        await send_audio(stt, audio)
+        await stt.end()
+        spec.user_text = "".join([r.text async for r in stt if r.is_final]).strip()
+        if spec.user_text:
+            await self._speak(spec)
+
+    async def _speculation_missed(self, u: Utterance) -> None:
+        spec, u.speculation = u.speculation, None
+        self.speculative_misses += 1
+        await self._cancel_reply(spec)
+
+    # ------------------------------------------------------------------ replies
+
+    def _start_reply(self, reply: Reply) -> Reply:
+        reply.after = self.reply.task if self.reply else None
+        if reply.fixed:  # an LLM reply is released when its turn ends
+            reply.released.set()
+            reply.protected = not all(interruptible for _, interruptible in reply.fixed)
+        reply.task = self.spawn(self._speak(reply))
+        self.reply = reply
+        return reply
+
+    def _release(self, reply: Reply) -> None:
+        if self.reply is not reply:
+            reply.after = self.reply.task if self.reply else None
+            self.reply = reply
+        self._add_user_text(reply.user_text)
+        reply.released.set()
+
+    async def _speak(self, reply: Reply) -> None:
+        """Produce the reply: fixed words straight to TTS, or the LLM's words as they come."""
+        try:
+            for text, interruptible in reply.fixed:
+                await self._synthesize(reply, text)
+                if not interruptible:
+                    reply.protected_ms = reply.audio_sent_ms
+            if reply.user_text:
+                await self._generate(reply)
+            await self._finished(reply)
+        except StageError as error:
+            self._turn_error(reply.turn_index, error)
+            await self._cancel_streams(reply)
+        except asyncio.CancelledError:
+            await self._cancel_streams(reply)
+            raise
+        finally:
+            if self.reply is reply:
+                self.reply = None
+
+    async def _open_tts(self, reply: Reply) -> StageStream:
+        tts = await self.stages.open("tts", tts_pb2.SynthesizeResponse,
+                                     tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(voice=self.voice)), session_id=self.id)
+        reply.streams.append(tts)
+        return tts
+
+    async def _synthesize(self, reply: Reply, text: str) -> None:
+        tts = await self._open_tts(reply)
+        reply.tts_first_text_at = reply.tts_first_text_at or time.monotonic()
+        await tts.send(tts_pb2.SynthesizeRequest(text=text))
+        await tts.end()
+        reply.text += (" " if reply.text else "") + text
+        self.emit(agent_text=edge_pb2.AgentText(turn_index=reply.turn_index, text_delta=text + " "))
+        async for result in tts:
+            await self._send_audio(reply, result)
+
+    async def _generate(self, reply: Reply) -> None:
+        history = [*self.history] if reply.released.is_set() else [*self.history, (llm_pb2.CHAT_ROLE_USER, reply.user_text)]
+        request = llm_pb2.GenerateRequest(
+            messages=[llm_pb2.ChatMessage(role=role, content=content) for role, content in history],
+            max_tokens=self.max_reply_tokens, temperature=self.settings.llm_temperature,
+        )
+        llm_sent = time.monotonic()
+        llm, tts = await asyncio.gather(
+            self.stages.open("llm", llm_pb2.GenerateResponse, request, session_id=self.id), self._open_tts(reply))
+        reply.streams.append(llm)
+        pump = self.spawn(self._pump(reply, llm, tts, llm_sent))
+        try:
+            async for result in tts:
+                await self._send_audio(reply, result)
+            await pump
+        finally:
+            pump.cancel()
+
+    async def _pump(self, reply: Reply, llm: StageStream, tts: StageStream, llm_sent: float) -> None:
+        """LLM deltas to TTS as they arrive (and to the client, once released)."""
+        pending_text = []
         async for delta in llm:
             if delta.text_delta:
-                if not turn.metrics.llm_first_token_ms:
-                    turn.metrics.llm_first_token_ms = (time.monotonic() - llm_sent) * 1000
-                if not turn.tts_first_text_at:
-                    turn.tts_first_text_at = time.monotonic()
-                turn.reply_text += delta.text_delta
-                self.emit(agent_text=edge_pb2.AgentText(turn_index=turn.index, text_delta=delta.text_delta))
+                now = time.monotonic()
+                if not reply.metrics.llm_first_token_ms:
+                    reply.metrics.llm_first_token_ms = (now - llm_sent) * 1000
+                    reply.tts_first_text_at = now
+                reply.text += delta.text_delta
+                pending_text.append(delta.text_delta)
                 await tts.send(tts_pb2.SynthesizeRequest(text=delta.text_delta))
-            turn.metrics.completion_tokens = delta.completion_tokens or turn.metrics.completion_tokens
+            reply.metrics.completion_tokens = delta.completion_tokens or reply.metrics.completion_tokens
+            if reply.released.is_set() and pending_text:
+                self.emit(agent_text=edge_pb2.AgentText(turn_index=reply.turn_index, text_delta="".join(pending_text)))
+                pending_text.clear()
         await tts.end()
+        if pending_text:
+            await reply.released.wait()
+            self.emit(agent_text=edge_pb2.AgentText(turn_index=reply.turn_index, text_delta="".join(pending_text)))
 
-    async def _send_audio(self, turn: Turn, result: tts_pb2.SynthesizeResponse) -> None:
+    async def _send_audio(self, reply: Reply, result: tts_pb2.SynthesizeResponse) -> None:
+        await reply.released.wait()  # a speculative reply holds its audio until its turn ends
+        if reply.after is not None and not reply.after.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(reply.after)  # replies never talk over each other
         now = time.monotonic()
-        if not turn.first_audio_at:
-            turn.first_audio_at = now
-            turn.metrics.tts_first_audio_ms = (now - turn.tts_first_text_at) * 1000
-            turn.metrics.voice_to_voice_ms = (now - turn.end_of_speech) * 1000
-        chunk_ms = len(result.audio.pcm) / 2 / result.audio.sample_rate_hz * 1000
+        if not reply.first_audio_at:
+            reply.first_audio_at = now
+            reply.metrics.tts_first_audio_ms = (now - reply.tts_first_text_at) * 1000
+            if reply.end_of_speech:
+                reply.metrics.voice_to_voice_ms = (now - reply.end_of_speech) * 1000
+        else:
+            # Stay at most audio_lead_ms ahead of playback, so a barge-in has little to take back.
+            ahead = reply.audio_sent_ms - (now - reply.first_audio_at) * 1000
+            if ahead > self.settings.audio_lead_ms:
+                await asyncio.sleep((ahead - self.settings.audio_lead_ms) / 1000)
         if result.text:
-            turn.spoken.append((result.text, turn.audio_sent_ms))
-        turn.audio_sent_ms += chunk_ms
-        self.emit(agent_audio=edge_pb2.AgentAudio(turn_index=turn.index, audio=result.audio))
+            reply.spoken.append((result.text, reply.audio_sent_ms))
+        reply.audio_sent_ms += len(result.audio.pcm) / 2 / result.audio.sample_rate_hz * 1000
+        self.emit(agent_audio=edge_pb2.AgentAudio(turn_index=reply.turn_index, audio=result.audio))
 
-    def _record(self, turn: Turn) -> None:
-        if not self.meters:
-            return
-        m = turn.metrics
-        self.meters.voice_to_voice.record(m.voice_to_voice_ms / 1000)
-        for kind, value in (("endpointing", m.endpointing_ms), ("stt_final", m.stt_final_ms),
-                            ("llm_first_token", m.llm_first_token_ms), ("tts_first_audio", m.tts_first_audio_ms)):
-            self.meters.stage_latency.record(value / 1000, {"stage": "edge", "kind": kind})
+    async def _finished(self, reply: Reply) -> None:
+        text = reply.text.strip()
+        if reply.user_text:
+            self.history.append((llm_pb2.CHAT_ROLE_ASSISTANT, text))
+        m = reply.metrics
+        m.turn_index = reply.turn_index
+        m.agent_audio_ms = reply.audio_sent_ms
+        m.speculative_hits, m.speculative_misses = self.speculative_hits, self.speculative_misses
+        m.interruptions = self.interruptions
+        self.emit(turn_metrics=m)
+        self.emit(agent_turn_ended=edge_pb2.AgentTurnEnded(turn_index=reply.turn_index, text=text))
+        if self.meters and reply.end_of_speech:
+            self.meters.voice_to_voice.record(m.voice_to_voice_ms / 1000)
+            for kind, value in (("endpointing", m.endpointing_ms), ("stt_final", m.stt_final_ms),
+                                ("llm_first_token", m.llm_first_token_ms), ("tts_first_audio", m.tts_first_audio_ms)):
+                self.meters.stage_latency.record(value / 1000, {"stage": "edge", "kind": kind})
+
+    async def _cancel_streams(self, reply: Reply) -> None:
+        for stream in reply.streams:
+            await stream.cancel()
+
+    async def _cancel_reply(self, reply: Reply) -> None:
+        if reply.task and not reply.task.done():
+            reply.task.cancel()
+            with contextlib.suppress(BaseException):
+                await reply.task
+        await self._cancel_streams(reply)
+        if self.reply is reply:
+            self.reply = None
 
     # ------------------------------------------------------------------ barge-in
 
-    def on_playback(self, report: edge_pb2.PlaybackPosition) -> None:
-        for turn in (self.replying,):
-            if turn and turn.index == report.turn_index:
-                turn.played_ms = max(0, report.played_ms)
+    async def _maybe_barge_in(self, u: Utterance) -> None:
+        reply = self.reply
+        if reply is None or not reply.speaking():
+            u.over_agent = False  # the agent finished meanwhile: an ordinary turn
+            return
+        long_enough = self.audio_ms - u.speech_ms >= self.turn_taking.barge_in_min_speech_ms
+        if long_enough and self.turn_taking.interruptible and reply.interruptible_now():
+            await self._barge_in(u, reply)
 
-    def heard(self, turn: Turn) -> tuple[int, str]:
-        """How much of the reply the client played, and the text of that part."""
-        if turn.played_ms >= 0:
-            played = turn.played_ms
-        elif turn.first_audio_at:  # no report: assume real-time playback from the first chunk
-            played = (time.monotonic() - turn.first_audio_at) * 1000
-        else:
-            played = 0
-        played = min(played, turn.audio_sent_ms)
-        words = []
-        for i, (text, start_ms) in enumerate(turn.spoken):
-            end_ms = turn.spoken[i + 1][1] if i + 1 < len(turn.spoken) else turn.audio_sent_ms
-            if played >= end_ms:
-                words += text.split()
-            elif played > start_ms:  # part of this clause: words in proportion to the time
-                clause = text.split()
-                words += clause[: int(len(clause) * (played - start_ms) / max(1.0, end_ms - start_ms))]
-        return int(played), " ".join(words)
+    async def _barge_in(self, u: Utterance, reply: Reply) -> None:
+        played = reply.played_ms()
+        heard = reply.heard_text(played)
+        await self._cancel_reply(reply)
+        self._drop_queued_audio(reply.turn_index)
+        u.over_agent = False
+        self.interruptions += 1
+        if reply.user_text and heard:
+            self.history.append((llm_pb2.CHAT_ROLE_ASSISTANT, heard))
+        reaction_ms = (time.monotonic() - u.speech_wall) * 1000
+        if self.meters:
+            self.meters.stage_latency.record(reaction_ms / 1000, {"stage": "edge", "kind": "barge_in"})
+        self.emit(interrupted=edge_pb2.Interrupted(
+            turn_index=reply.turn_index, played_ms=int(played), heard_text=heard, barge_in_reaction_ms=reaction_ms))
 
-    async def _barge_in(self) -> None:
-        turn, self.replying = self.replying, None
-        played_ms, heard_text = self.heard(turn)
-        await self._cancel_turn(turn)
-        if heard_text:
-            self.history.append((llm_pb2.CHAT_ROLE_ASSISTANT, heard_text))
-        self.emit(interrupted=edge_pb2.Interrupted(turn_index=turn.index, played_ms=played_ms, heard_text=heard_text))
-
-    async def _cancel_turn(self, turn: Turn) -> None:
-        for task in (turn.reply_task, turn.stt_task):
-            if task and not task.done():
-                task.cancel()
-        if turn.stt:
-            await turn.stt.cancel()
+    def _drop_queued_audio(self, turn_index: int) -> None:
+        """Agent audio not yet handed to gRPC is never sent."""
+        kept = []
+        while not self.events.empty():
+            event = self.events.get_nowait()
+            if event is not None and event.WhichOneof("kind") == "agent_audio" and event.agent_audio.turn_index == turn_index:
+                continue
+            kept.append(event)
+        for event in kept:
+            self.events.put_nowait(event)

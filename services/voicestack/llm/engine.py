@@ -23,6 +23,10 @@ import httpx
 from voicestack import models
 
 
+REPEAT_PENALTY = 1.2
+SEED = 1234
+
+
 class LlmUnavailable(RuntimeError):
     """The model server could not be reached or refused the request."""
 
@@ -53,10 +57,21 @@ class LlamaCppEngine:
     more replicas, or from OpenAIEngine against vLLM, which batches.
 
     Prefix reuse: llama.cpp keeps the KV of the last prompt and re-evaluates only what
-    differs, so a session's next turn (same system prompt and history) starts fast.
+    differs, so a session's next turn right after its last one starts fast. When other
+    sessions' turns came in between, that KV is gone; the RAM cache (prefix_cache_mb,
+    0 = off) keeps recent states and restores the one sharing the longest prefix.
+    Measured on 2 cores: next turn after another session's turn 0.19 s to first token
+    with it, 0.34 s without; right after its own turn 0.07 s either way.
     """
 
-    def __init__(self, model_path: str | None = None, n_ctx: int = 2048, threads: int = 0, device: str = "cpu"):
+    def __init__(
+        self,
+        model_path: str | None = None,
+        n_ctx: int = 2048,
+        threads: int = 0,
+        device: str = "cpu",
+        prefix_cache_mb: int = 256,
+    ):
         from llama_cpp import Llama  # here, so OpenAIEngine works without llama.cpp installed
 
         path = str(model_path or models.smollm2_gguf())
@@ -64,10 +79,15 @@ class LlamaCppEngine:
         self._llm = Llama(
             model_path=path,
             n_ctx=n_ctx,
-            n_threads=threads or None,  # None: llama-cpp-python's default, half the CPUs
+            # 0: llama-cpp-python's default, half the host's CPUs to generate and all of
+            # them for the prompt; it ignores a container's CPU quota, so set it in a pod.
+            n_threads=threads or None,
+            n_threads_batch=threads or None,
             n_gpu_layers=-1 if device == "cuda" else 0,
             verbose=False,
         )
+        if prefix_cache_mb:
+            self._llm.set_cache(_ram_cache(prefix_cache_mb << 20))
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self._stops: set[threading.Event] = set()
         self.tokens_generated = 0  # all tokens ever sampled; tests watch it stop on cancel
@@ -92,11 +112,11 @@ class LlamaCppEngine:
                 yield item
         finally:
             stop.set()
+            self._stops.discard(stop)
             job.cancel()  # only succeeds while still queued behind another stream
             # Wait for the worker to leave the model, so the next stream (and the
             # tokens_generated counter) sees it idle; at most one token's time.
             await asyncio.wait([asyncio.wrap_future(job)])
-            self._stops.discard(stop)
 
     def _generate(self, messages, max_tokens, temperature, stop: threading.Event, put: Callable) -> None:
         if stop.is_set():
@@ -104,7 +124,10 @@ class LlamaCppEngine:
         chunks = None
         try:
             chunks = self._llm.create_chat_completion(
-                messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True
+                messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True,
+                # Small models loop without a repeat penalty; a fixed seed makes a
+                # replayed request (failover) give the same reply.
+                repeat_penalty=REPEAT_PENALTY, seed=SEED,
             )
             n = prompt = 0
             for chunk in chunks:
@@ -138,6 +161,20 @@ class LlamaCppEngine:
         self._llm.close()
 
 
+def _ram_cache(capacity_bytes: int):
+    from llama_cpp import LlamaRAMCache
+
+    class RamCache(LlamaRAMCache):
+        @property
+        def cache_size(self) -> int:
+            # Upstream counts only the KV bytes, but each saved state also holds a float32
+            # logits row per token (~200 KB a token for SmolLM2, 10x its KV): count both,
+            # or the default 2 GB "capacity" holds some 20 GB.
+            return sum(s.llama_state_size + s.scores.nbytes for s in self.cache_state.values())
+
+    return RamCache(capacity_bytes)
+
+
 class OpenAIEngine:
     """Any OpenAI-compatible /v1/chat/completions server with streaming (vLLM, llama.cpp).
 
@@ -158,6 +195,7 @@ class OpenAIEngine:
             "messages": messages,
             "max_tokens": max_tokens,
             "temperature": temperature,
+            "seed": SEED,  # a replayed request (failover) gives the same reply
             "stream": True,
             "stream_options": {"include_usage": True},  # vLLM: exact totals; others ignore it
         }

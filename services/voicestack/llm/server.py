@@ -3,6 +3,7 @@ stream stops generation within a token (barge-in)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from voicestack.config import Settings
@@ -75,14 +76,16 @@ class LlmStage(Stage):
         max_tokens = request.max_tokens or self.settings.llm_max_tokens
         started = time.perf_counter()
         first = True
-        async for delta in self.engine.stream(messages, max_tokens, request.temperature):
-            if first:
-                first = False
-                self.record("first_token", time.perf_counter() - started)
-            yield llm_pb2.GenerateResponse(
-                text_delta=delta.text, finish_reason=delta.finish_reason,
-                completion_tokens=delta.completion_tokens, prompt_tokens=delta.prompt_tokens,
-            )
+        # aclosing: a cancelled stream stops the engine now, not when garbage is collected.
+        async with contextlib.aclosing(self.engine.stream(messages, max_tokens, request.temperature)) as deltas:
+            async for delta in deltas:
+                if first:
+                    first = False
+                    self.record("first_token", time.perf_counter() - started)
+                yield llm_pb2.GenerateResponse(
+                    text_delta=delta.text, finish_reason=delta.finish_reason,
+                    completion_tokens=delta.completion_tokens, prompt_tokens=delta.prompt_tokens,
+                )
         self.record("generation", time.perf_counter() - started)
 
 

@@ -1,0 +1,258 @@
+{{/*
+Names and labels, defined once (as `helm create` does) and used by every template.
+Stage templates take a context built by "voicestack.stages": (dict "root" $ "name" "stt" "stage" $stageValues).
+*/}}
+
+{{- define "voicestack.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "voicestack.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "voicestack.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "voicestack.labels" -}}
+helm.sh/chart: {{ include "voicestack.chart" . }}
+{{ include "voicestack.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: voicestack
+{{- end }}
+
+{{- define "voicestack.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "voicestack.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* The stages in pipeline order, as JSON (range over `include ... | fromJsonArray`). */}}
+{{- define "voicestack.stageNames" -}}
+["edge", "vad", "stt", "llm", "tts"]
+{{- end }}
+
+{{/* ---- per-stage helpers; context: dict "root" "name" "stage" ---- */}}
+
+{{- define "voicestack.stage.fullname" -}}
+{{- printf "%s-%s" (include "voicestack.fullname" .root) .name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "voicestack.stage.labels" -}}
+{{ include "voicestack.labels" .root }}
+app.kubernetes.io/component: {{ .name }}
+{{- end }}
+
+{{- define "voicestack.stage.selectorLabels" -}}
+{{ include "voicestack.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .name }}
+{{- end }}
+
+{{- define "voicestack.stage.image" -}}
+{{- $root := .root }}
+{{- $img := .stage.image }}
+{{- $repo := $img.repository | default (printf "%s-%s" $root.Values.image.repository $img.target) }}
+{{- $tag := $img.tag | default $root.Values.image.tag | default $root.Chart.AppVersion }}
+{{- printf "%s:%s" $repo $tag }}
+{{- end }}
+
+{{/* Seconds a terminating replica drains (VOICESTACK_DRAIN_SECONDS). */}}
+{{- define "voicestack.stage.drainSeconds" -}}
+{{- if kindIs "invalid" .stage.drainSeconds }}{{ .root.Values.drain.seconds }}{{ else }}{{ .stage.drainSeconds }}{{ end }}
+{{- end }}
+
+{{/* preStop sleep + drain + margin, rounded up: the kubelet never SIGKILLs a draining replica. */}}
+{{- define "voicestack.stage.terminationGracePeriodSeconds" -}}
+{{- $d := .root.Values.drain }}
+{{- $drain := include "voicestack.stage.drainSeconds" . | float64 | ceil | int }}
+{{- add $d.preStopSleepSeconds $drain $d.marginSeconds }}
+{{- end }}
+
+{{/* "true" when this stage is scaled by KEDA or an HPA (then the Deployment leaves replicas out). */}}
+{{- define "voicestack.stage.autoscaled" -}}
+{{- if and .root.Values.autoscaling.enabled .stage.autoscaling.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The LLM engine of this stage ("" for the other stages). */}}
+{{- define "voicestack.stage.llmEngine" -}}
+{{- if eq .name "llm" }}{{ .stage.engine }}{{ end }}
+{{- end }}
+
+{{/* "true" when the GPU goes to the vLLM sidecar rather than the stage container. */}}
+{{- define "voicestack.stage.vllm" -}}
+{{- if eq (include "voicestack.stage.llmEngine" .) "vllm" }}true{{ end }}
+{{- end }}
+
+{{- define "voicestack.stage.device" -}}
+{{- if .stage.device }}{{ .stage.device }}
+{{- else if and (gt (int .stage.gpu) 0) (not (include "voicestack.stage.vllm" .)) (ne .name "vad") }}cuda
+{{- else }}cpu{{ end }}
+{{- end }}
+
+{{/* resources with the GPU added to limits and requests. Context: dict "resources" "gpu" "gpuName". */}}
+{{- define "voicestack.resources" -}}
+{{- $res := deepCopy (.resources | default dict) }}
+{{- if gt (int .gpu) 0 }}
+{{- $_ := set $res "limits" (merge (dict .gpuName (int .gpu)) (get $res "limits" | default dict)) }}
+{{- $_ := set $res "requests" (merge (dict .gpuName (int .gpu)) (get $res "requests" | default dict)) }}
+{{- end }}
+{{- toYaml $res }}
+{{- end }}
+
+{{/* PromQL matchers selecting this stage's pods of this release. */}}
+{{- define "voicestack.stage.promMatchers" -}}
+{{- $p := .root.Values.autoscaling.prometheus }}
+{{- printf "stage=%q,%s=%q,%s=~%q" .name $p.namespaceLabel .root.Release.Namespace $p.podLabel (printf "%s-[a-z0-9]+-[a-z0-9]+" (include "voicestack.stage.fullname" .)) }}
+{{- end }}
+
+{{/* Stream utilisation of the stage, 0..1: the autoscaling signal. */}}
+{{- define "voicestack.stage.utilisationQuery" -}}
+{{- $m := include "voicestack.stage.promMatchers" . }}
+{{- printf "sum(voicestack_streams_active{%s}) / clamp_min(sum(voicestack_streams_capacity{%s}), 1)" $m $m }}
+{{- end }}
+
+{{/* HPA behavior block (also used inside KEDA's ScaledObject). */}}
+{{- define "voicestack.stage.behavior" -}}
+scaleUp:
+  stabilizationWindowSeconds: {{ .stage.autoscaling.scaleUpStabilizationWindowSeconds }}
+  selectPolicy: Max
+  policies:
+    - {type: Percent, value: 100, periodSeconds: 30}
+    - {type: Pods, value: 4, periodSeconds: 30}
+scaleDown:
+  stabilizationWindowSeconds: {{ .stage.autoscaling.scaleDownStabilizationWindowSeconds }}
+  selectPolicy: Min
+  policies:
+    - {type: Pods, value: 1, periodSeconds: 60}
+{{- end }}
+
+{{/* A grpc.health.v1 probe on the gRPC port; TCP for an edge serving TLS (kubelet probes plaintext only). */}}
+{{- define "voicestack.stage.probe" -}}
+{{- if and (eq .ctx.name "edge") .ctx.stage.tls.secretName -}}
+tcpSocket:
+  port: grpc
+{{- else -}}
+grpc:
+  port: 50051
+{{- end }}
+periodSeconds: {{ .probe.periodSeconds }}
+failureThreshold: {{ .probe.failureThreshold }}
+timeoutSeconds: {{ .probe.timeoutSeconds }}
+{{- end }}
+
+{{/* Environment of a stage container: the runtime contract of services/voicestack/config.py. */}}
+{{- define "voicestack.stage.env" -}}
+{{- $root := .root }}
+{{- $s := .stage -}}
+- name: POD_NAME
+  valueFrom: {fieldRef: {fieldPath: metadata.name}}
+- name: POD_NAMESPACE
+  valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+- name: NODE_NAME
+  valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
+- name: VOICESTACK_REPLICA_ID
+  value: "$(POD_NAME)"
+- name: VOICESTACK_GRPC_HOST
+  value: "0.0.0.0"
+- name: VOICESTACK_GRPC_PORT
+  value: "50051"
+- name: VOICESTACK_METRICS_HOST
+  value: "0.0.0.0"
+- name: VOICESTACK_METRICS_PORT
+  value: "9464"
+- name: VOICESTACK_NATS_URL
+  value: {{ $root.Values.nats.url | quote }}
+{{- if $root.Values.nats.credentials.secretName }}
+- name: VOICESTACK_NATS_CREDS_FILE
+  value: "/etc/voicestack/nats-creds/{{ $root.Values.nats.credentials.key }}"
+{{- end }}
+{{- if $root.Values.nats.tls.caSecretName }}
+- name: VOICESTACK_NATS_CA_FILE
+  value: "/etc/voicestack/nats-ca/{{ $root.Values.nats.tls.caKey }}"
+{{- end }}
+- name: VOICESTACK_CAPACITY
+  value: {{ $s.capacity | quote }}
+- name: VOICESTACK_DRAIN_SECONDS
+  value: {{ include "voicestack.stage.drainSeconds" . | quote }}
+- name: VOICESTACK_DEVICE
+  value: {{ include "voicestack.stage.device" . | quote }}
+- name: VOICESTACK_CACHE_DIR
+  value: {{ $root.Values.scratch.cacheDir | quote }}
+- name: HOME
+  value: /tmp
+- name: HF_HOME
+  value: "{{ $root.Values.scratch.cacheDir }}/huggingface"
+{{- if eq .name "edge" }}
+{{- if $s.tls.secretName }}
+- name: VOICESTACK_TLS_CERT_FILE
+  value: /etc/voicestack/tls/tls.crt
+- name: VOICESTACK_TLS_KEY_FILE
+  value: /etc/voicestack/tls/tls.key
+{{- end }}
+{{- if $s.apiKeys.secretName }}
+- name: VOICESTACK_API_KEYS_FILE
+  value: "/etc/voicestack/api-keys/{{ $s.apiKeys.key }}"
+{{- end }}
+{{- end }}
+{{- if and (eq .name "stt") $s.model }}
+- name: VOICESTACK_STT_MODEL
+  value: {{ $s.model | quote }}
+{{- end }}
+{{- if and (eq .name "tts") $s.voice }}
+- name: VOICESTACK_TTS_VOICE
+  value: {{ $s.voice | quote }}
+{{- end }}
+{{- if eq .name "llm" }}
+{{- if eq $s.engine "vllm" }}
+- name: VOICESTACK_LLM_ENGINE
+  value: openai
+- name: VOICESTACK_LLM_URL
+  value: "http://127.0.0.1:{{ $s.vllm.port }}/v1"
+- name: VOICESTACK_LLM_MODEL
+  value: {{ $s.vllm.model | quote }}
+{{- else if eq $s.engine "external" }}
+- name: VOICESTACK_LLM_ENGINE
+  value: openai
+- name: VOICESTACK_LLM_URL
+  value: {{ required "stages.llm.external.url is required when stages.llm.engine is external" $s.external.url | quote }}
+- name: VOICESTACK_LLM_MODEL
+  value: {{ $s.external.model | quote }}
+{{- with $s.external.apiKeySecret }}{{ if .name }}
+- name: VOICESTACK_LLM_API_KEY
+  valueFrom: {secretKeyRef: {name: {{ .name | quote }}, key: {{ .key | quote }}}}
+{{- end }}{{ end }}
+{{- else }}
+- name: VOICESTACK_LLM_ENGINE
+  value: llamacpp
+{{- if $s.model }}
+- name: VOICESTACK_LLM_MODEL
+  value: {{ $s.model | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+- name: OTEL_SERVICE_NAME
+  value: "voicestack-{{ .name }}"
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: "service.instance.id=$(POD_NAME),k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),k8s.node.name=$(NODE_NAME),k8s.deployment.name={{ include "voicestack.stage.fullname" . }}{{ with $root.Values.otel.resourceAttributes }},{{ . }}{{ end }}"
+{{- with $root.Values.otel.endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- range $k, $v := $s.env }}
+- name: {{ $k }}
+  value: {{ $v | toString | quote }}
+{{- end }}
+{{- with $s.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}

