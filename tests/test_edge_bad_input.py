@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-import numpy as np
 import pytest
 
-from conftest import silence
+
 from voicestack.launcher import Stack
 from voicestack.v1 import audio_pb2, edge_pb2, edge_pb2_grpc
 

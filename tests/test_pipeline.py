@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import HUMAN_RECORDING, silence, speak, words
+from scripted import Script
 from voicestack.audio import read_wav, resample
 from voicestack.client import converse
 from voicestack.stt.engine import WhisperEngine
@@ -53,11 +54,16 @@ async def test_human_recording_is_transcribed(edge_address):
 
 
 async def test_two_turns_keep_the_conversation(edge_address, speech_dir):
-    audio = np.concatenate([
-        speak("Hello there.", speech_dir), silence(2500), speak("What is your name?", speech_dir),
-    ])
-    conversation = await converse(edge_address, audio, expect_turns=2, timeout=120)
-    assert conversation.status.name == "OK", conversation.details
-    assert len(conversation.replies) == 2
+    first, second = speak("Hello there.", speech_dir), speak("What is your name?", speech_dir)
+
+    async def speaker(script, send):
+        await script.wait_for(lambda: script.turn_done(0))  # the disclosure
+        await send(first)
+        await script.wait_for(lambda: script.turn_done(1), timeout=90)
+        await send(second)
+        await script.wait_for(lambda: script.turn_done(2), timeout=90)
+
+    conversation = await Script(edge_pb2.SessionConfig()).run(edge_address, speaker)
     assert [t.index for t in conversation.replies] == [1, 2]
-    assert all(t.reply_text.strip() for t in conversation.replies)
+    assert all(t.ended and t.reply_text.strip() for t in conversation.replies)
+    assert "name" in words(conversation.turns[2].transcript)

@@ -58,9 +58,11 @@ async def poll(nats_url: str, predicate, timeout: float = 30.0) -> dict:
         await asyncio.sleep(0.2)
 
 
-def replica(view: dict, stage: str, name: str) -> dict | None:
-    """The replica started by the launcher as `name` (its id is "<name>-<pid>-<port>")."""
-    return next((r for r in view["stages"][stage]["replicas"] if r["replica_id"].startswith(f"{name}-")), None)
+def replica(view: dict, stack: Stack, name: str) -> dict | None:
+    """The replica the launcher started as `name`: its id ends in its gRPC port."""
+    process = stack.processes[name]
+    return next((r for r in view["stages"][process.service]["replicas"]
+                 if r["replica_id"].endswith(f"-{process.grpc_port}")), None)
 
 
 # ------------------------------------------------------------------ the bus, real processes
@@ -87,7 +89,7 @@ async def test_every_replica_is_listed_with_its_capacity(status_stack):
         assert all(r["version"] == voicestack.__version__ and r["uptime_seconds"] >= 0 for r in entry["replicas"])
     stt = view["stages"]["stt"]
     assert stt["live"] == 2 and stt["draining"] == 0
-    first, second = replica(view, "stt", "stt"), replica(view, "stt", "stt-2")
+    first, second = replica(view, status_stack, "stt"), replica(view, status_stack, "stt-2")
     assert first and second, [r["replica_id"] for r in stt["replicas"]]
     assert first["capacity"] > 0 and second["capacity"] > 0
     assert stt["capacity"] == first["capacity"] + second["capacity"]
@@ -111,7 +113,7 @@ async def test_an_open_session_shows_as_streams_in_flight(status_stack, speech_d
 
 async def test_a_sigtermed_replica_shows_draining_then_leaves(status_stack):
     _, view = await status_json(status_stack.nats_url)
-    leaving = replica(view, "stt", "stt-2")["replica_id"]
+    leaving = replica(view, status_stack, "stt-2")["replica_id"]
 
     # Hold a stream on stt-2 over the bus, as the edge would, so its drain has to wait.
     nc = await nats.connect(status_stack.nats_url)
@@ -124,11 +126,12 @@ async def test_a_sigtermed_replica_shows_draining_then_leaves(status_stack):
         await stream.send(stt_pb2.TranscribeRequest(audio=audio_pb2.AudioChunk(pcm=bytes(16000))))
 
         status_stack.processes["stt-2"].popen.send_signal(signal.SIGTERM)
-        draining = await poll(status_stack.nats_url, lambda v: replica(v, "stt", "stt-2")["draining"], timeout=10)
+        draining = await poll(status_stack.nats_url,
+                              lambda v: (replica(v, status_stack, "stt-2") or {}).get("draining"), timeout=10)
         stt = draining["stages"]["stt"]
         assert stt["live"] == 1 and stt["draining"] == 1
-        assert replica(draining, "stt", "stt-2")["active"] == 1
-        assert stt["capacity"] == replica(draining, "stt", "stt")["capacity"]  # a draining replica takes no new streams
+        assert replica(draining, status_stack, "stt-2")["active"] == 1
+        assert stt["capacity"] == replica(draining, status_stack, "stt")["capacity"]  # a draining replica takes no new streams
         assert {"stage": "stt", "level": "warning",
                 "message": f"replica {leaving} draining (1 stream left)"} in draining["problems"]
         code, text = await run_status("--nats-url", status_stack.nats_url)
@@ -140,7 +143,7 @@ async def test_a_sigtermed_replica_shows_draining_then_leaves(status_stack):
         await stages.close()
         await nc.close()
 
-    gone = await poll(status_stack.nats_url, lambda v: replica(v, "stt", "stt-2") is None, timeout=15)
+    gone = await poll(status_stack.nats_url, lambda v: replica(v, status_stack, "stt-2") is None, timeout=15)
     assert gone["stages"]["stt"]["live"] == 1 and gone["stages"]["stt"]["draining"] == 0
     assert await asyncio.to_thread(status_stack.processes["stt-2"].popen.wait, 15) == 0
 

@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 import urllib.request
 
-import grpc
 import numpy as np
 import pytest
 
 from conftest import silence, speak, words
 from voicestack.audio import PIPELINE_RATE
-from voicestack.client import FRAME_MS, Conversation, frames
-from voicestack.v1 import audio_pb2, edge_pb2, edge_pb2_grpc
+from scripted import Script
+from voicestack.v1 import audio_pb2, edge_pb2
 
-STORY_PROMPT = "You are a storyteller. Always answer with a long story of at least six sentences."
+STORY_PROMPT = "You are a storyteller. Always answer with a very long story of at least twenty sentences."
 
 
 def session_config(**kwargs) -> edge_pb2.SessionConfig:
@@ -26,80 +24,6 @@ def session_config(**kwargs) -> edge_pb2.SessionConfig:
         input_format=audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=PIPELINE_RATE))
     config.MergeFrom(edge_pb2.SessionConfig(**kwargs))
     return config
-
-
-class Script:
-    """A live microphone whose next words wait for something the agent does."""
-
-    def __init__(self, config: edge_pb2.SessionConfig):
-        self.config = config
-        self.conversation = Conversation()
-        self.first_audio = {}  # turn -> monotonic time of its first agent audio
-        self.audio_after_interrupt = 0
-        self.changed = asyncio.Event()
-        self.finished = False
-
-    async def wait_for(self, predicate, timeout=60.0):
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            self.changed.clear()
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, "timed out waiting for the agent"
-            try:
-                await asyncio.wait_for(self.changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
-
-    def turn_done(self, index):
-        turn = self.conversation.turns.get(index)
-        return bool(turn and (turn.ended or turn.interrupted))
-
-    async def run(self, address: str, speaker):
-        """`speaker(script, send)` streams audio; silence flows whenever it is not talking."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def send(audio: np.ndarray):
-            for pcm in frames(audio):
-                await queue.put(pcm)
-            await queue.join()
-
-        async def requests():
-            yield edge_pb2.ConverseRequest(config=self.config)
-            quiet = frames(silence(FRAME_MS))[0]
-            start, sent = time.monotonic(), 0
-            while not self.finished:
-                try:
-                    pcm = queue.get_nowait()
-                    queue.task_done()
-                except asyncio.QueueEmpty:
-                    pcm = quiet
-                yield edge_pb2.ConverseRequest(audio=edge_pb2.AudioFrame(pcm=pcm))
-                sent += 1
-                await asyncio.sleep(max(0.0, start + sent * FRAME_MS / 1000 - time.monotonic()))
-
-        async def read(call):
-            async for event in call:
-                self.conversation.record(event)
-                if event.WhichOneof("kind") == "agent_audio":
-                    turn = self.conversation.turns[event.agent_audio.turn_index]
-                    self.first_audio.setdefault(turn.index, time.monotonic())
-                    if turn.interrupted:
-                        self.audio_after_interrupt += 1
-                self.changed.set()
-
-        async with grpc.aio.insecure_channel(address) as channel:
-            call = edge_pb2_grpc.EdgeServiceStub(channel).Converse(requests(), timeout=180)
-            reader = asyncio.create_task(read(call))
-            try:
-                await speaker(self, send)
-                await asyncio.sleep(0.3)  # anything still in flight
-            finally:
-                self.finished = True
-                call.cancel()
-                reader.cancel()
-                if reader.done() and not reader.cancelled() and reader.exception():
-                    raise reader.exception()
-        return self.conversation
 
 
 def scrape(port: int, metric: str) -> float:
@@ -129,11 +53,11 @@ async def test_barge_in_cuts_the_reply_and_the_history(stack, edge_address, spee
         await script.wait_for(lambda: script.turn_done(0))
         await send(question)
         await script.wait_for(lambda: 1 in script.first_audio)
-        await asyncio.sleep(1.5)  # let the agent talk a while, then talk over it
+        await asyncio.sleep(0.5)  # let the agent talk a little (its LLM still writing), then talk over it
         await send(interruption)
-        await script.wait_for(lambda: script.turn_done(2), timeout=90)
+        await script.wait_for(lambda: 2 in script.first_audio, timeout=90)  # the agent answers it
 
-    script = Script(session_config(system_prompt=STORY_PROMPT, max_reply_tokens=200))
+    script = Script(session_config(system_prompt=STORY_PROMPT, max_reply_tokens=1000))
     conversation = await script.run(edge_address, speaker)
 
     first, second = conversation.turns[1], conversation.turns[2]
@@ -142,8 +66,8 @@ async def test_barge_in_cuts_the_reply_and_the_history(stack, edge_address, spee
     heard = first.interrupted.heard_text
     assert heard and len(words(heard)) < len(words(first.reply_text)), (heard, first.reply_text)
     assert words(first.reply_text)[: len(words(heard))] == words(heard)
-    assert 1000 <= first.interrupted.played_ms <= len(first.audio) / 2 / 24 + 50
-    assert second.ended and second.metrics.interruptions == 1
+    assert 500 <= first.interrupted.played_ms <= len(first.audio) / 2 / 24 + 50
+    assert "question" in words(second.transcript) and second.reply_text
     assert first.interrupted.barge_in_reaction_ms > 0
     # The stages stopped their work, not only the edge its forwarding.
     assert scrape(llm_port, "voicestack_streams_cancelled_total") > cancelled_before[0]
@@ -178,7 +102,7 @@ async def test_a_long_utterance_is_split_into_turns(edge_address, speech_dir):
     async def speaker(script, send):
         await script.wait_for(lambda: script.turn_done(0))
         await send(monologue)
-        await script.wait_for(lambda: any(t.ended for t in script.conversation.replies), timeout=90)
+        await script.wait_for(lambda: any(t.ended and t.reply_text for t in script.conversation.replies), timeout=90)
 
     config = session_config(endpointing=edge_pb2.EndpointingConfig(max_utterance_ms=2000))
     conversation = await Script(config).run(edge_address, speaker)
@@ -198,12 +122,12 @@ async def test_speculative_replies(edge_address, speech_dir, pause_ms, expect):
     async def speaker(script, send):
         await script.wait_for(lambda: script.turn_done(0))
         await send(audio)
-        await script.wait_for(lambda: any(t.ended for t in script.conversation.replies), timeout=90)
+        await script.wait_for(lambda: any(t.ended and t.reply_text for t in script.conversation.replies), timeout=90)
 
     config = session_config(endpointing=edge_pb2.EndpointingConfig(
         silence_ms=1000, speculation=edge_pb2.SPECULATION_MODE_ON, speculative_pause_ms=250))
     conversation = await Script(config).run(edge_address, speaker)
-    turn = [t for t in conversation.replies if t.ended][-1]
+    turn = [t for t in conversation.replies if t.ended and t.reply_text][-1]
     if expect == "hit":
         assert turn.metrics.speculative_hit and turn.metrics.speculative_hits >= 1
     else:

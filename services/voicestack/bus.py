@@ -28,11 +28,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Callable
 
 import grpc
 import nats.errors
 from nats.aio.client import Client as NatsClient
+from opentelemetry import trace
 
 from voicestack import telemetry
 from voicestack.errors import StageError, as_stage_error, code_from_int, code_to_int
@@ -165,6 +166,8 @@ class StageEndpoint:
         request_type,
         peer_timeout: float = 0.8,
         on_change: Callable[["StageEndpoint"], None] | None = None,
+        stream_spans: bool = True,
+        on_refused: Callable[[], None] | None = None,
     ):
         self.nc, self.stage, self.replica_id = nc, stage, replica_id
         self.capacity = capacity
@@ -172,6 +175,10 @@ class StageEndpoint:
         self.request_type = request_type
         self.peer_timeout = peer_timeout
         self.on_change = on_change or (lambda endpoint: None)
+        # One span per stream, child of the opener's span. Off for session-long streams
+        # (VAD), which make their own short spans from each input's trace context.
+        self.stream_spans = stream_spans
+        self.on_refused = on_refused or (lambda: None)
         self.streams: dict[str, _ServerStream] = {}
         self.stats = EndpointStats()
         self.draining = False
@@ -208,6 +215,7 @@ class StageEndpoint:
         request = bus_pb2.OpenStreamRequest.FromString(msg.data)
         if self.draining or self.active >= self.capacity:
             self.stats.opens_refused += 1
+            self.on_refused()
             code = grpc.StatusCode.UNAVAILABLE if self.draining else grpc.StatusCode.RESOURCE_EXHAUSTED
             why = "draining" if self.draining else f"at capacity ({self.capacity} streams)"
             await msg.respond(
@@ -237,6 +245,7 @@ class StageEndpoint:
             return
         kind = stream.accept(msg)
         if kind == DATA:
+            stream.context.headers = msg.headers or {}  # the latest input's trace context
             if stream.inputs.qsize() >= MAX_QUEUED_INPUTS:
                 stream.task.cancel()
                 return
@@ -264,15 +273,22 @@ class StageEndpoint:
                     raise item
                 yield item
 
+        span = None
         try:
             with telemetry.attach(stream.context.headers):
-                async with contextlib.aclosing(self.handler(checked_requests(), stream.context)) as outputs:
-                    async for output in outputs:
-                        await stream.publish(DATA, output.SerializeToString())
+                if self.stream_spans:
+                    span = telemetry.start_span(f"{self.stage}.stream", voicestack__stage=self.stage,
+                                                voicestack__replica_id=self.replica_id)
+                with telemetry.in_span(span):
+                    async with contextlib.aclosing(self.handler(checked_requests(), stream.context)) as outputs:
+                        async for output in outputs:
+                            await stream.publish(DATA, output.SerializeToString())
             await stream.publish(END)
             self.stats.streams_served += 1
         except asyncio.CancelledError:
             self.stats.streams_cancelled += 1
+            if span is not None:
+                span.set_attribute("voicestack.cancelled", True)
             if not stream.cancelled_by_peer:  # we are shutting down: tell the opener to fail over
                 with contextlib.suppress(Exception):
                     await stream.publish(ERROR, extra={CODE: str(code_to_int(grpc.StatusCode.UNAVAILABLE)),
@@ -280,11 +296,14 @@ class StageEndpoint:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status for the opener
             error = as_stage_error(exc, self.stage)
             self.stats.errors += 1
+            if span is not None:
+                span.set_status(trace.StatusCode.ERROR, error.message)
             if error.code == grpc.StatusCode.INTERNAL:
                 log.exception("%s stream %s failed", self.stage, stream_id)
             with contextlib.suppress(Exception):
                 await stream.publish(ERROR, extra={CODE: str(code_to_int(error.code)), MESSAGE: error.message[:500]})
         finally:
+            telemetry.end_span(span)
             stream.closed = True
             self.streams.pop(stream_id, None)
             if not self.nc.is_closed:

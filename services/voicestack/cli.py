@@ -7,7 +7,6 @@ import asyncio
 import signal
 import sys
 import time
-from pathlib import Path
 
 from voicestack.config import SERVICES, add_flags, flag_overrides, load_settings
 

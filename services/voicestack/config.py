@@ -72,6 +72,11 @@ class Settings:
     audio_lead_ms: int = 300
     # Edge only: file of sha256 hex digests of accepted API keys, one a line ("" = no auth).
     api_keys_file: str = ""
+    # Put transcript and reply text into trace spans (off: traces carry timings, not words).
+    trace_text: bool = False
+    # Benchmarks only: trivial engines (no models) so the edge and the bus are the
+    # bottleneck being measured. Never evidence that the pipeline works.
+    cheap_engines: bool = False
     log_level: str = "INFO"
 
     def nats_servers(self) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from voicestack.config import DEFAULT_GRPC_PORTS, DEFAULT_METRICS_PORTS, SERVICES
+from voicestack.config import DEFAULT_GRPC_PORTS, DEFAULT_METRICS_PORTS
 
 # The edge needs the stages; VAD and the edge load nothing, so they come last and first.
 START_ORDER = ("vad", "stt", "llm", "tts", "edge")

@@ -12,6 +12,7 @@ from typing import AsyncIterator
 
 import grpc
 
+from voicestack import discovery, telemetry
 from voicestack.bus import StageEndpoint, StreamContext
 from voicestack.config import Settings
 from voicestack.errors import StageError, as_stage_error, invalid
@@ -34,6 +35,7 @@ class Stage:
     name = ""
     request_type = None
     grpc_service_names: list[str] = []
+    stream_spans = True  # a span per stream (VAD's streams last a session: it spans events instead)
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -58,7 +60,8 @@ class Stage:
         self.meters = meters
         self.endpoint = StageEndpoint(
             nc, self.name, self.settings.replica_id, self.capacity, self._counted, self.request_type,
-            peer_timeout=self.settings.peer_timeout_seconds,
+            peer_timeout=self.settings.peer_timeout_seconds, stream_spans=self.stream_spans,
+            on_refused=self._refused,
         )
         await self.endpoint.start()
 
@@ -79,7 +82,12 @@ class Stage:
             "draining": bool(self.endpoint and self.endpoint.draining),
         }
 
+    def _refused(self) -> None:
+        if self.meters:
+            self.meters.opens_refused.add(1, {"stage": self.name})
+
     def record(self, kind: str, seconds: float) -> None:
+        discovery.observe_latency(seconds, kind)
         if self.meters:
             self.meters.stage_latency.record(seconds, {"stage": self.name, "kind": kind})
 
@@ -102,12 +110,19 @@ class Stage:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name} is at capacity ({self.capacity} streams); retry shortly")
         self._grpc_active += 1
         stream_context = StreamContext(f"grpc-{time.monotonic_ns()}", "", dict(context.invocation_metadata() or ()))
+        span = None
         try:
-            async with contextlib.aclosing(self._counted(requests, stream_context)) as responses:
-                async for response in responses:
-                    yield response
+            with telemetry.attach(stream_context.headers):  # W3C traceparent in gRPC metadata
+                if self.stream_spans:
+                    span = telemetry.start_span(f"{self.name}.stream", voicestack__stage=self.name,
+                                                voicestack__replica_id=self.settings.replica_id, rpc__system="grpc")
+                with telemetry.in_span(span):
+                    async with contextlib.aclosing(self._counted(requests, stream_context)) as responses:
+                        async for response in responses:
+                            yield response
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             error = as_stage_error(exc, self.name)
             await context.abort(error.code, error.message)
         finally:
+            telemetry.end_span(span)
             self._grpc_active -= 1

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
+from opentelemetry.sdk.trace import SpanProcessor
 
 _tracer = trace.get_tracer("voicestack")
 # Seconds; dense around the 300 ms a human pause takes.
@@ -37,6 +39,62 @@ def attach(headers: dict):
 
 def tracer():
     return _tracer
+
+
+def start_span(name: str, parent=None, start_time: float | None = None, links=None, **attributes):
+    """A span under `parent` (a span, or None for the current context). start_time is a
+    time.monotonic() reading, for spans that begin at an event already past. Attribute
+    names use "__" for "." (voicestack__turn__index -> voicestack.turn.index)."""
+    context = trace.set_span_in_context(parent) if parent is not None else None
+    start_ns = None
+    if start_time is not None:
+        start_ns = time.time_ns() - int((time.monotonic() - start_time) * 1e9)
+    return _tracer.start_span(name, context=context, start_time=start_ns, links=links,
+                              attributes={k.replace("__", "."): v for k, v in attributes.items()} or None)
+
+
+def end_span(span, end_time: float | None = None) -> None:
+    """End `span`, at a past time.monotonic() reading if given."""
+    if span is None:
+        return
+    end_ns = None
+    if end_time is not None:
+        end_ns = time.time_ns() - int((time.monotonic() - end_time) * 1e9)
+    span.end(end_time=end_ns)
+
+
+@contextlib.contextmanager
+def in_span(span):
+    """Make `span` current, so stage streams opened inside become its children."""
+    if span is None:
+        yield
+        return
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+class TurnSpans(SpanProcessor):
+    """Keeps this process's finished spans by trace id for a little while, so the edge
+    can send a turn's waterfall to its client from the very spans it exports."""
+
+    def __init__(self, max_traces: int = 512):
+        self.max_traces = max_traces
+        self.by_trace: dict[int, list] = {}
+
+    def on_end(self, span) -> None:
+        spans = self.by_trace.setdefault(span.context.trace_id, [])
+        spans.append(span)
+        while len(self.by_trace) > self.max_traces:
+            self.by_trace.pop(next(iter(self.by_trace)))
+
+    def take(self, trace_id: int) -> list:
+        return self.by_trace.pop(trace_id, [])
+
+
+turn_spans = TurnSpans()
 
 
 class Meters:
@@ -103,6 +161,7 @@ def setup(service: str, metrics_port: int) -> Meters:
         start_http_server(metrics_port, addr=os.environ.get("VOICESTACK_METRICS_HOST", "0.0.0.0"))
         readers.append(PrometheusMetricReader())
     tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(turn_spans)
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

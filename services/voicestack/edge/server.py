@@ -4,7 +4,6 @@ client that opens stage streams for every session."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid

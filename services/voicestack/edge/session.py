@@ -31,6 +31,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from voicestack.audio import PIPELINE_RATE, float_to_pcm16, pcm16_to_float, resample
+from opentelemetry import trace
+from opentelemetry.trace import Link, StatusCode
+
+from voicestack import discovery, telemetry
 from voicestack.bus import StageClient, StageStream
 from voicestack.errors import StageError
 from voicestack.v1 import audio_pb2, edge_pb2, llm_pb2, stt_pb2, tts_pb2, vad_pb2
@@ -103,6 +107,7 @@ class Reply:
     tts_first_text_at: float = 0.0
     first_audio_at: float = 0.0
     played_report_ms: int = -1
+    span: object = None  # the turn's span: this reply ends it
 
     def played_ms(self) -> float:
         """The client's report if it sent one, else the clock since the first chunk."""
@@ -148,6 +153,8 @@ class Utterance:
     stt_task: asyncio.Task | None = None
     speculation: Reply | None = None
     metrics: edge_pb2.TurnMetrics = field(default_factory=edge_pb2.TurnMetrics)
+    span: object = None  # the turn's span, until a Reply takes it over
+    stt_span: object = None
 
 
 class Session:
@@ -165,7 +172,8 @@ class Session:
         self.events: asyncio.Queue = asyncio.Queue(MAX_EVENTS_QUEUED)
         self.turn_count = 0
         self.utterance: Utterance | None = None
-        self.reply: Reply | None = None  # the reply being spoken (or about to be)
+        self.reply: Reply | None = None  # the latest reply started: speaking, or waiting its turn
+        self.audible: Reply | None = None  # the reply whose audio is going out now
         self.speculative_hits = self.speculative_misses = self.interruptions = 0
         self.monologue: list[str] = []  # parts of an utterance cut at max_utterance_ms, not yet answered
         self.audio = bytearray()  # 16 kHz PCM16 since `audio_base_ms`
@@ -173,6 +181,11 @@ class Session:
         self.arrivals: deque = deque(maxlen=4000)  # (audio end ms, wall time)
         self.vad: StageStream | None = None
         self.failure: StageError | None = None
+        # Each turn is its own trace; this short span links them to the session.
+        session_span = telemetry.start_span("session", voicestack__session__id=session_id)
+        session_span.end()
+        self.session_link = Link(session_span.get_span_context())
+        self.trace_text = settings.trace_text
         self._tasks: set[asyncio.Task] = set()
         self._turns_finishing: set[asyncio.Task] = set()
 
@@ -251,7 +264,7 @@ class Session:
         if self.greeting:
             fixed.append((self.greeting, True))
         if fixed:
-            self._start_reply(Reply(turn_index=0, fixed=fixed))
+            self._start_reply(Reply(turn_index=0, fixed=fixed, span=self._turn_span(0)))
 
     async def finish_input(self) -> None:
         """The client closed its side: finish the turn in progress, then end."""
@@ -260,8 +273,9 @@ class Session:
     async def close(self) -> None:
         if self.utterance:
             await self._drop_utterance(self.utterance)
-        if self.reply:
-            await self._cancel_reply(self.reply)
+        for reply in (self.reply, self.audible):
+            if reply:
+                await self._cancel_reply(reply)
         if self.vad:
             await self.vad.cancel()
         for task in list(self._tasks):
@@ -274,8 +288,9 @@ class Session:
             pcm = float_to_pcm16(resample(pcm16_to_float(pcm), self.input_rate, PIPELINE_RATE))
         self.audio += pcm
         self.arrivals.append((self.audio_ms, time.monotonic()))
-        await self.vad.send(vad_pb2.DetectRequest(audio=audio_pb2.AudioChunk(pcm=pcm, sample_rate_hz=PIPELINE_RATE)))
         u = self.utterance
+        with telemetry.in_span(u.span if u else None):  # the VAD's decisions join the turn's trace
+            await self.vad.send(vad_pb2.DetectRequest(audio=audio_pb2.AudioChunk(pcm=pcm, sample_rate_hz=PIPELINE_RATE)))
         if u is None:
             excess = len(self.audio) - RING_MS * PIPELINE_RATE // 1000 * 2
             if excess > 0:
@@ -297,8 +312,8 @@ class Session:
             await send_audio(u.stt, pcm)
 
     def on_playback(self, report: edge_pb2.PlaybackPosition) -> None:
-        if self.reply and self.reply.turn_index == report.turn_index:
-            self.reply.played_report_ms = max(0, report.played_ms)
+        if self.audible and self.audible.turn_index == report.turn_index:
+            self.audible.played_report_ms = max(0, report.played_ms)
 
     # ------------------------------------------------------------------ VAD events
 
@@ -330,23 +345,24 @@ class Session:
         self.turn_count += 1
         start = max(self.audio_base_ms, speech_ms - PRE_ROLL_MS)
         u = Utterance(self.turn_count, start, speech_ms, self.wall_time_at(speech_ms), sent_to_stt_ms=start)
+        u.span = self._turn_span(u.index, start_time=u.speech_wall)
+        u.stt_span = telemetry.start_span("stt", parent=u.span, voicestack__stage="stt")
         self.utterance = u
         self.emit(speech_started=edge_pb2.SpeechStarted(turn_index=u.index, offset_ms=speech_ms))
-        reply = self.reply
-        if reply is not None:
-            if reply.user_text and not reply.first_audio_at and not reply.protected:
-                await self._cancel_reply(reply)  # the user was not done: that reply is stale
-            else:
-                u.over_agent = True  # a cough must not cut the agent off: wait for more speech
+        await self._cancel_unheard_reply()  # the user was not done: a reply not yet heard is stale
+        if self.audible is not None:
+            u.over_agent = True  # a cough must not cut the agent off: wait for more speech
         try:
-            u.stt = await self.stages.open(
-                "stt", stt_pb2.TranscribeResponse,
-                stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(sample_rate_hz=PIPELINE_RATE, interim_results=True)),
-                session_id=self.id,
-            )
+            with telemetry.in_span(u.stt_span):
+                u.stt = await self.stages.open(
+                    "stt", stt_pb2.TranscribeResponse,
+                    stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(sample_rate_hz=PIPELINE_RATE, interim_results=True)),
+                    session_id=self.id,
+                )
         except StageError as error:
             self._turn_error(u.index, error)
             self.utterance = None
+            self._end_turn_unanswered(u, error=error)
             return
         await self._feed_stt(u)
         u.stt_task = self.spawn(self._read_stt(u))
@@ -360,6 +376,9 @@ class Session:
                 self.emit(transcript=edge_pb2.Transcript(turn_index=u.index, text=result.text, is_final=result.is_final))
             if result.is_final:
                 final = result.text
+        if u.stt_span is not None:
+            u.stt_span.set_attribute("voicestack.audio_seconds", round(u.sent_to_stt_ms / 1000 - u.start_ms / 1000, 3))
+        telemetry.end_span(u.stt_span)
         return final.strip()
 
     async def _end_utterance(self, speech_end_ms: int, reply: bool = True) -> None:
@@ -372,6 +391,9 @@ class Session:
         decided = time.monotonic()
         end_of_speech = min(self.wall_time_at(speech_end_ms), decided)
         u.metrics.endpointing_ms = (decided - end_of_speech) * 1000
+        endpointing = telemetry.start_span("endpointing", parent=u.span, start_time=end_of_speech,
+                                           voicestack__silence_ms=self.turn_taking.silence_ms)
+        telemetry.end_span(endpointing, decided)
         self.emit(speech_ended=edge_pb2.SpeechEnded(turn_index=u.index, offset_ms=speech_end_ms))
         if u.stt is None:
             return
@@ -386,8 +408,13 @@ class Session:
             text = await u.stt_task
         except StageError as error:
             self._turn_error(u.index, error)
+            self._end_turn_unanswered(u, error=error)
             return
         u.metrics.stt_final_ms = (time.monotonic() - decided) * 1000
+        finalize = telemetry.start_span("stt.finalize", parent=u.span, start_time=decided, voicestack__stage="stt")
+        if self.trace_text:
+            finalize.set_attribute("voicestack.transcript", text)
+        finalize.end()
         spec = u.speculation
         if (spec and spec.user_text and normalized(spec.user_text) == normalized(text)
                 and spec.task and not spec.task.done()):
@@ -401,6 +428,7 @@ class Session:
         if not reply:
             if text:
                 self.monologue.append(text)
+            self._end_turn_unanswered(u)
             return
         if self.monologue:  # the last part of a long utterance: answer all of it
             text = " ".join([*self.monologue, text]).strip()
@@ -409,9 +437,16 @@ class Session:
             if spec:
                 await self._cancel_reply(spec)
         if not text:  # noise: nothing to answer
+            self._end_turn_unanswered(u)
             return
+        if self.reply is not chosen:
+            await self._cancel_unheard_reply()  # this turn supersedes an answer not yet heard
         if chosen is None:
-            chosen = self._start_reply(Reply(turn_index=u.index, user_text=text))
+            chosen = self._start_reply(Reply(turn_index=u.index, user_text=text, span=u.span))
+        else:
+            telemetry.end_span(chosen.span)  # the speculation's own span; the turn's takes over
+            chosen.span = u.span
+        u.span = None
         chosen.metrics.endpointing_ms = u.metrics.endpointing_ms
         chosen.metrics.stt_final_ms = u.metrics.stt_final_ms
         chosen.end_of_speech = end_of_speech
@@ -425,6 +460,24 @@ class Session:
             await u.stt.cancel()
         if u.speculation:
             await self._cancel_reply(u.speculation)
+        self._end_turn_unanswered(u, dropped=True)
+
+    def _turn_span(self, index: int, start_time: float | None = None):
+        return telemetry.start_span("turn", start_time=start_time, links=[self.session_link],
+                                    voicestack__session__id=self.id, voicestack__turn__index=index)
+
+    def _end_turn_unanswered(self, u: Utterance, error: StageError | None = None, dropped: bool = False) -> None:
+        """Every user turn ends with AgentTurnEnded or Interrupted; this one gets no answer
+        (noise, a cough under the agent, part of a monologue, a failed stage)."""
+        self.emit(agent_turn_ended=edge_pb2.AgentTurnEnded(turn_index=u.index))
+        for span in (u.stt_span, u.span):
+            if span is not None and span.is_recording():
+                if error:
+                    span.set_status(StatusCode.ERROR, str(error))
+                if dropped:
+                    span.set_attribute("voicestack.turn.dropped", True)
+                span.end()
+        u.span = None
 
     def _add_user_text(self, text: str) -> None:
         role, content = self.history[-1]
@@ -436,18 +489,20 @@ class Session:
     # ------------------------------------------------------------------ speculation
 
     def _speculate(self, u: Utterance, pause_ms: int) -> None:
-        if not self.turn_taking.speculation or u.speculation or u.over_agent or self.reply is not None:
+        if (not self.turn_taking.speculation or u.speculation or u.over_agent
+                or self.reply is not None or self.audible is not None):
             return
-        spec = Reply(turn_index=u.index)
+        spec = Reply(turn_index=u.index, span=telemetry.start_span("speculation", parent=u.span))
         u.speculation = spec
         # All the audio so far, pause included: the final decode sees the same plus silence.
         spec.task = self.spawn(self._speculative_reply(spec, self.audio_between(u.start_ms)))
 
     async def _speculative_reply(self, spec: Reply, audio: bytes) -> None:
-        stt = await self.stages.open(
-            "stt", stt_pb2.TranscribeResponse,
-            stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(sample_rate_hz=PIPELINE_RATE)), session_id=self.id,
-        )
+        with telemetry.in_span(spec.span):
+            stt = await self.stages.open(
+                "stt", stt_pb2.TranscribeResponse,
+                stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(sample_rate_hz=PIPELINE_RATE)), session_id=self.id,
+            )
         spec.streams.append(stt)
         await send_audio(stt, audio)
         await stt.end()
@@ -462,8 +517,18 @@ class Session:
 
     # ------------------------------------------------------------------ replies
 
+    async def _cancel_unheard_reply(self) -> None:
+        reply = self.reply
+        if reply is not None and reply.user_text and not reply.first_audio_at:
+            await self._cancel_reply(reply)
+            self.emit(agent_turn_ended=edge_pb2.AgentTurnEnded(turn_index=reply.turn_index))  # superseded
+
+    def _previous_task(self) -> asyncio.Task | None:
+        previous = self.reply or self.audible
+        return previous.task if previous else None
+
     def _start_reply(self, reply: Reply) -> Reply:
-        reply.after = self.reply.task if self.reply else None
+        reply.after = self._previous_task()
         if reply.fixed:  # an LLM reply is released when its turn ends
             reply.released.set()
             reply.protected = not all(interruptible for _, interruptible in reply.fixed)
@@ -473,7 +538,7 @@ class Session:
 
     def _release(self, reply: Reply) -> None:
         if self.reply is not reply:
-            reply.after = self.reply.task if self.reply else None
+            reply.after = self._previous_task()
             self.reply = reply
         self._add_user_text(reply.user_text)
         reply.released.set()
@@ -491,12 +556,20 @@ class Session:
         except StageError as error:
             self._turn_error(reply.turn_index, error)
             await self._cancel_streams(reply)
+            if reply.span is not None:
+                reply.span.set_status(StatusCode.ERROR, str(error))
         except asyncio.CancelledError:
             await self._cancel_streams(reply)
+            if reply.span is not None:
+                reply.span.set_attribute("voicestack.turn.cancelled", True)
             raise
         finally:
             if self.reply is reply:
                 self.reply = None
+            if self.audible is reply:
+                self.audible = None
+            if reply.span is not None and reply.span.is_recording():
+                reply.span.end()
 
     async def _open_tts(self, reply: Reply) -> StageStream:
         tts = await self.stages.open("tts", tts_pb2.SynthesizeResponse,
@@ -505,14 +578,20 @@ class Session:
         return tts
 
     async def _synthesize(self, reply: Reply, text: str) -> None:
-        tts = await self._open_tts(reply)
-        reply.tts_first_text_at = reply.tts_first_text_at or time.monotonic()
-        await tts.send(tts_pb2.SynthesizeRequest(text=text))
-        await tts.end()
-        reply.text += (" " if reply.text else "") + text
-        self.emit(agent_text=edge_pb2.AgentText(turn_index=reply.turn_index, text_delta=text + " "))
-        async for result in tts:
-            await self._send_audio(reply, result)
+        span = telemetry.start_span("tts.synthesize", parent=reply.span, voicestack__stage="tts",
+                                    voicestack__characters=len(text))
+        try:
+            with telemetry.in_span(span):
+                tts = await self._open_tts(reply)
+            reply.tts_first_text_at = reply.tts_first_text_at or time.monotonic()
+            await tts.send(tts_pb2.SynthesizeRequest(text=text))
+            await tts.end()
+            reply.text += (" " if reply.text else "") + text
+            self.emit(agent_text=edge_pb2.AgentText(turn_index=reply.turn_index, text_delta=text + " "))
+            async for result in tts:
+                await self._send_audio(reply, result, span)
+        finally:
+            span.end()
 
     async def _generate(self, reply: Reply) -> None:
         history = [*self.history] if reply.released.is_set() else [*self.history, (llm_pb2.CHAT_ROLE_USER, reply.user_text)]
@@ -521,18 +600,33 @@ class Session:
             max_tokens=self.max_reply_tokens, temperature=self.settings.llm_temperature,
         )
         llm_sent = time.monotonic()
-        llm, tts = await asyncio.gather(
-            self.stages.open("llm", llm_pb2.GenerateResponse, request, session_id=self.id), self._open_tts(reply))
-        reply.streams.append(llm)
-        pump = self.spawn(self._pump(reply, llm, tts, llm_sent))
+        llm_span = telemetry.start_span("llm.generate", parent=reply.span, voicestack__stage="llm",
+                                        voicestack__messages=len(request.messages))
+        tts_span = telemetry.start_span("tts.synthesize", parent=reply.span, voicestack__stage="tts")
+
+        async def open_in(span, opening):
+            with telemetry.in_span(span):  # the stage's own spans become children of this one
+                return await opening
+
+        pump = None
         try:
+            llm, tts = await asyncio.gather(
+                open_in(llm_span, self.stages.open("llm", llm_pb2.GenerateResponse, request, session_id=self.id)),
+                open_in(tts_span, self._open_tts(reply)))
+            reply.streams.append(llm)
+            pump = self.spawn(self._pump(reply, llm, tts, llm_sent, llm_span))
             async for result in tts:
-                await self._send_audio(reply, result)
+                await self._send_audio(reply, result, tts_span)
             await pump
         finally:
-            pump.cancel()
+            if pump:
+                pump.cancel()
+            tts_span.set_attribute("voicestack.characters", len(reply.text))
+            for span in (llm_span, tts_span):
+                if span.is_recording():
+                    span.end()
 
-    async def _pump(self, reply: Reply, llm: StageStream, tts: StageStream, llm_sent: float) -> None:
+    async def _pump(self, reply: Reply, llm: StageStream, tts: StageStream, llm_sent: float, span) -> None:
         """LLM deltas to TTS as they arrive (and to the client, once released)."""
         pending_text = []
         async for delta in llm:
@@ -541,6 +635,7 @@ class Session:
                 if not reply.metrics.llm_first_token_ms:
                     reply.metrics.llm_first_token_ms = (now - llm_sent) * 1000
                     reply.tts_first_text_at = now
+                    span.add_event("first_token")
                 reply.text += delta.text_delta
                 pending_text.append(delta.text_delta)
                 await tts.send(tts_pb2.SynthesizeRequest(text=delta.text_delta))
@@ -548,12 +643,14 @@ class Session:
             if reply.released.is_set() and pending_text:
                 self.emit(agent_text=edge_pb2.AgentText(turn_index=reply.turn_index, text_delta="".join(pending_text)))
                 pending_text.clear()
+        span.set_attribute("gen_ai.usage.output_tokens", reply.metrics.completion_tokens)
+        span.end()
         await tts.end()
         if pending_text:
             await reply.released.wait()
             self.emit(agent_text=edge_pb2.AgentText(turn_index=reply.turn_index, text_delta="".join(pending_text)))
 
-    async def _send_audio(self, reply: Reply, result: tts_pb2.SynthesizeResponse) -> None:
+    async def _send_audio(self, reply: Reply, result: tts_pb2.SynthesizeResponse, span=None) -> None:
         await reply.released.wait()  # a speculative reply holds its audio until its turn ends
         if reply.after is not None and not reply.after.done():
             with contextlib.suppress(BaseException):
@@ -561,9 +658,16 @@ class Session:
         now = time.monotonic()
         if not reply.first_audio_at:
             reply.first_audio_at = now
+            self.audible = reply
             reply.metrics.tts_first_audio_ms = (now - reply.tts_first_text_at) * 1000
+            if span is not None:
+                span.add_event("first_audio")
+            out = telemetry.start_span("first_audio_out", parent=reply.span)
             if reply.end_of_speech:
                 reply.metrics.voice_to_voice_ms = (now - reply.end_of_speech) * 1000
+                out.set_attribute("voicestack.voice_to_voice_ms", reply.metrics.voice_to_voice_ms)
+                reply.span.set_attribute("voicestack.voice_to_voice_ms", reply.metrics.voice_to_voice_ms)
+            out.end()
         else:
             # Stay at most audio_lead_ms ahead of playback, so a barge-in has little to take back.
             ahead = reply.audio_sent_ms - (now - reply.first_audio_at) * 1000
@@ -584,12 +688,32 @@ class Session:
         m.speculative_hits, m.speculative_misses = self.speculative_hits, self.speculative_misses
         m.interruptions = self.interruptions
         self.emit(turn_metrics=m)
+        if reply.span is not None:
+            reply.span.set_attribute("voicestack.agent_audio_seconds", round(reply.audio_sent_ms / 1000, 3))
+            reply.span.end()
+            self.emit(turn_trace=self._waterfall(reply))
         self.emit(agent_turn_ended=edge_pb2.AgentTurnEnded(turn_index=reply.turn_index, text=text))
         if self.meters and reply.end_of_speech:
             self.meters.voice_to_voice.record(m.voice_to_voice_ms / 1000)
+            discovery.observe_latency(m.voice_to_voice_ms / 1000, "voice_to_voice")
             for kind, value in (("endpointing", m.endpointing_ms), ("stt_final", m.stt_final_ms),
                                 ("llm_first_token", m.llm_first_token_ms), ("tts_first_audio", m.tts_first_audio_ms)):
                 self.meters.stage_latency.record(value / 1000, {"stage": "edge", "kind": kind})
+
+    def _waterfall(self, reply: Reply) -> edge_pb2.TurnTrace:
+        """The turn's spans recorded in this process, as offsets from the turn's start."""
+        context = reply.span.get_span_context()
+        spans = telemetry.turn_spans.take(context.trace_id)
+        turn = next((s for s in spans if s.context.span_id == context.span_id), None)
+        trace_out = edge_pb2.TurnTrace(turn_index=reply.turn_index, trace_id=trace.format_trace_id(context.trace_id))
+        if turn is None:  # not sampled
+            return trace_out
+        names = {s.context.span_id: s.name for s in spans}
+        for s in sorted(spans, key=lambda s: s.start_time):
+            trace_out.spans.add(
+                name=s.name, parent_name=names.get(s.parent.span_id, "") if s.parent else "",
+                start_ms=(s.start_time - turn.start_time) / 1e6, duration_ms=(s.end_time - s.start_time) / 1e6)
+        return trace_out
 
     async def _cancel_streams(self, reply: Reply) -> None:
         for stream in reply.streams:
@@ -603,11 +727,13 @@ class Session:
         await self._cancel_streams(reply)
         if self.reply is reply:
             self.reply = None
+        if self.audible is reply:
+            self.audible = None
 
     # ------------------------------------------------------------------ barge-in
 
     async def _maybe_barge_in(self, u: Utterance) -> None:
-        reply = self.reply
+        reply = self.audible
         if reply is None or not reply.speaking():
             u.over_agent = False  # the agent finished meanwhile: an ordinary turn
             return
@@ -619,6 +745,7 @@ class Session:
         played = reply.played_ms()
         heard = reply.heard_text(played)
         await self._cancel_reply(reply)
+        await self._cancel_unheard_reply()  # an answer queued behind it is stale too
         self._drop_queued_audio(reply.turn_index)
         u.over_agent = False
         self.interruptions += 1

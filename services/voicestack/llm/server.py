@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import time
 
+from opentelemetry import trace
+
 from voicestack.config import Settings
 from voicestack.errors import invalid
 from voicestack.llm.engine import LlamaCppEngine, OpenAIEngine
@@ -54,7 +56,8 @@ class LlmStage(Stage):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        self.engine = build_engine(settings)
+        from voicestack import cheap  # benchmarks only: see cheap.py
+        self.engine = cheap.FixedLlm() if settings.cheap_engines else build_engine(settings)
 
     def describe(self) -> dict:
         return {"model": self.engine.model_name, "device": self.settings.device, "engine": self.settings.llm_engine}
@@ -74,6 +77,9 @@ class LlmStage(Stage):
         if not 0.0 <= request.temperature <= 2.0:
             raise invalid("temperature must be 0-2")
         max_tokens = request.max_tokens or self.settings.llm_max_tokens
+        span = trace.get_current_span()
+        span.set_attribute("gen_ai.request.model", self.engine.model_name)
+        span.set_attribute("gen_ai.request.max_tokens", max_tokens)
         started = time.perf_counter()
         first = True
         # aclosing: a cancelled stream stops the engine now, not when garbage is collected.
@@ -82,6 +88,11 @@ class LlmStage(Stage):
                 if first:
                     first = False
                     self.record("first_token", time.perf_counter() - started)
+                    span.add_event("first_token")
+                if delta.finish_reason:
+                    span.set_attribute("gen_ai.usage.output_tokens", delta.completion_tokens)
+                    span.set_attribute("gen_ai.usage.input_tokens", delta.prompt_tokens)
+                    span.set_attribute("gen_ai.response.finish_reasons", [delta.finish_reason])
                 yield llm_pb2.GenerateResponse(
                     text_delta=delta.text, finish_reason=delta.finish_reason,
                     completion_tokens=delta.completion_tokens, prompt_tokens=delta.prompt_tokens,

@@ -7,6 +7,8 @@ import asyncio
 import re
 import time
 
+from opentelemetry import trace
+
 from voicestack.config import Settings
 from voicestack.errors import invalid
 from voicestack.stage import Stage, first_message
@@ -48,7 +50,8 @@ class TtsStage(Stage):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        self.engine = KokoroEngine(device=settings.device, threads=settings.threads)
+        from voicestack import cheap  # benchmarks only: see cheap.py
+        self.engine = cheap.SilentTts() if settings.cheap_engines else KokoroEngine(device=settings.device, threads=settings.threads)
         self.voices = set(self.engine.voices())
 
     def describe(self) -> dict:
@@ -60,10 +63,13 @@ class TtsStage(Stage):
     def add_to_grpc(self, server) -> None:
         tts_pb2_grpc.add_TtsServiceServicer_to_server(TtsServicer(self), server)
 
-    async def _speak(self, clause: str, voice: str, speed: float):
+    async def _speak(self, clause: str, voice: str, speed: float, first: bool):
         started = time.perf_counter()
         pcm = (await asyncio.to_thread(self.engine.synthesize, clause, voice, speed)).tobytes()
         compute = time.perf_counter() - started
+        trace.get_current_span().add_event(
+            "first_audio" if first else "clause_audio",
+            {"voicestack.characters": len(clause), "voicestack.compute_seconds": round(compute, 4)})
         rate = self.engine.sample_rate
         self.record("clause", compute)
         if self.meters:
@@ -84,7 +90,11 @@ class TtsStage(Stage):
         if config.speed and not 0.5 <= config.speed <= 2.0:
             raise invalid(f"speed must be 0.5-2.0, got {config.speed}")
         speed = config.speed or 1.0
+        span = trace.get_current_span()
+        span.set_attribute("voicestack.model", "kokoro-82m-int8")
+        span.set_attribute("voicestack.tts.voice", voice)
         pending = ""
+        spoken = 0
         async for request in requests:
             if request.WhichOneof("kind") != "text":
                 raise invalid("send the TtsConfig once, then only text")
@@ -93,12 +103,15 @@ class TtsStage(Stage):
                 raise invalid(f"over {MAX_PENDING_CHARS} characters without a clause boundary")
             clauses, pending = split_clauses(pending)
             for clause in clauses:
-                async for response in self._speak(clause, voice, speed):
+                async for response in self._speak(clause, voice, speed, first=spoken == 0):
                     yield response
+                spoken += 1
         clauses, _ = split_clauses(pending, final=True)
         for clause in clauses:
-            async for response in self._speak(clause, voice, speed):
+            async for response in self._speak(clause, voice, speed, first=spoken == 0):
                 yield response
+            spoken += 1
+        span.set_attribute("voicestack.tts.clauses", spoken)
 
 
 class TtsServicer(tts_pb2_grpc.TtsServiceServicer):

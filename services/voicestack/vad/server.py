@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+from voicestack import telemetry
 from voicestack.config import Settings
 from voicestack.errors import invalid
 from voicestack.stage import Stage, first_message
@@ -26,12 +29,14 @@ def _responses(events):
 
 class VadStage(Stage):
     name = "vad"
+    stream_spans = False  # a VAD stream lasts the session; each decision gets a span instead
     request_type = vad_pb2.DetectRequest
     grpc_service_names = [vad_pb2.DESCRIPTOR.services_by_name["VadService"].full_name]
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        self.engine = SileroVad(threads=settings.threads or 1)
+        from voicestack import cheap  # benchmarks only: see cheap.py
+        self.engine = cheap.EnergyVad() if settings.cheap_engines else SileroVad(threads=settings.threads or 1)
 
     def describe(self) -> dict:
         return {"model": "silero-vad-v6", "device": "cpu"}
@@ -60,7 +65,15 @@ class VadStage(Stage):
             pcm = request.audio.pcm
             if len(pcm) > MAX_CHUNK_BYTES:
                 raise invalid(f"audio chunk of {len(pcm)} bytes is over {MAX_CHUNK_BYTES}; send 20-100 ms frames")
-            for response in _responses(vad.feed(pcm)):  # ~0.3 ms a frame: cheaper than a thread hop
+            started = time.monotonic()
+            events = vad.feed(pcm)  # ~0.3 ms a frame: cheaper than a thread hop
+            if events:
+                with telemetry.attach(context.headers):  # the turn the edge was in when it sent this audio
+                    span = telemetry.start_span("vad.detect", start_time=started, voicestack__stage="vad",
+                                                voicestack__replica_id=self.settings.replica_id,
+                                                voicestack__vad__events=",".join(e.type for e in events))
+                    span.end()
+            for response in _responses(events):
                 yield response
         for response in _responses(vad.flush()):
             yield response

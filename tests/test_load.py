@@ -1,0 +1,97 @@
+"""The load generator: its statistics, and one short run against the real stack."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `load/` sits beside services/, not inside the installed package
+
+from load.stats import latency_rows, percentile, summarize, summarize_turns, table  # noqa: E402
+
+
+def test_percentile_matches_numpy_and_handles_edges():
+    rng = random.Random(7)
+    for n in (1, 2, 3, 10, 101):
+        values = [rng.uniform(0, 1000) for _ in range(n)]
+        for q in (0, 50, 95, 99, 100):
+            assert math.isclose(percentile(values, q), float(np.percentile(values, q)), rel_tol=1e-12)
+    assert math.isnan(percentile([], 50))
+    assert percentile([5, 1, 3], 50) == 3
+
+
+def test_summaries_skip_missing_values_and_failed_turns():
+    s = summarize([10, float("nan"), None, 30])
+    assert s["n"] == 2 and s["p50"] == 20 and s["max"] == 30 and s["mean"] == 20
+    turns = [{"ok": True, "voice_to_voice_ms": 100.0}, {"ok": True, "voice_to_voice_ms": 300.0},
+             {"ok": False, "voice_to_voice_ms": 9999.0}, {"ok": True, "voice_to_voice_ms": 0.0}]
+    v = summarize_turns(turns, ("voice_to_voice_ms",))["voice_to_voice_ms"]
+    assert v["n"] == 2 and v["p50"] == 200
+
+
+def test_table_is_markdown_with_numbers_right_aligned():
+    level = {"sessions": 4, "turns_ok": 7, "turns_planned": 8, "errors": {"UNAVAILABLE (stt)": 1}, "refused": 0,
+             "summary": summarize_turns([{"ok": True, "voice_to_voice_ms": 812.4, "endpointing_ms": 610.0,
+                                          "stt_final_ms": 95.5, "llm_first_token_ms": 8.4,
+                                          "tts_first_audio_ms": 70.0, "client_v2v_ms": 815.0}])}
+    text = table(*latency_rows([level]))
+    header, rule, row = text.splitlines()
+    assert header.count("|") == rule.count("|") == row.count("|") == 13
+    assert rule.startswith("|---") and rule.rstrip("|").endswith(":")  # numbers right-aligned
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["4", "7/8", "812"] and cells[7] == "8.4" and cells[-2:] == ["1", "0"]
+    plain = table(["a", "b"], [["x", 1]], markdown=False)
+    assert "|" not in plain and plain.splitlines()[2] == "x  1"
+
+
+def test_one_session_one_turn_against_the_stack(edge_address, tmp_path):
+    out = tmp_path / "load.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "load", "--address", edge_address, "--sessions", "1", "--turns", "1",
+         "--ramp", "0", "--turn-timeout", "90", "--quiet", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    [level] = json.loads(out.read_text())["levels"]
+    assert level["errors"] == {} and level["refused"] == 0, level["errors"]
+    assert level["turns_ok"] == 1, level["turns"]
+    v2v = level["summary"]["voice_to_voice_ms"]
+    assert v2v["n"] == 1 and v2v["p50"] > 0
+    [turn] = level["turns"]
+    assert turn["voice_to_voice_ms"] >= turn["stt_final_ms"] + turn["llm_first_token_ms"] > 0
+    assert "v2v p50" in run.stdout  # the table
+
+
+async def test_cheap_engines_keep_the_real_interfaces():
+    from voicestack import cheap
+    from voicestack.vad.engine import ENDED, STARTED, VadEvent
+
+    rate = 16000
+    tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(rate) / rate)).astype(np.float32)
+    audio = np.concatenate([np.zeros(rate // 2, np.float32), tone, np.zeros(rate, np.float32)])
+    pcm = (audio * 32767).astype("<i2").tobytes()
+    stream = cheap.EnergyVad().open(min_silence_ms=300, min_speech_ms=100)
+    events = [e for i in range(0, len(pcm), 640) for e in stream.feed(pcm[i: i + 640])] + stream.flush()
+    assert all(isinstance(e, VadEvent) for e in events)
+    assert [e.type for e in events] == [STARTED, ENDED]
+    assert abs(events[0].offset_ms - 500) <= 32 and abs(events[1].offset_ms - 1500) <= 32
+
+    assert cheap.FixedStt().transcribe(audio) == cheap.TRANSCRIPT
+    assert cheap.FixedStt().transcribe(audio[:800]) == ""
+
+    deltas = [d async for d in cheap.FixedLlm().stream([{"role": "user", "content": "hi"}], 80, 0.3)]
+    assert "".join(d.text for d in deltas) == cheap.REPLY and deltas[-1].finish_reason == "stop"
+    assert len(deltas) > 3 and deltas[-1].completion_tokens == len(cheap.REPLY.split())
+
+    tts = cheap.SilentTts()
+    assert tts.default_voice in tts.voices() and tts.sample_rate == 24000
+    out = tts.synthesize("Hello there.")
+    assert out.dtype == np.int16 and not out.any() and len(out) == int(12 * cheap.SECONDS_PER_CHAR * 24000)
+    assert len(tts.synthesize("   ")) == 0
