@@ -20,7 +20,7 @@ from pathlib import Path
 from load import speech as speech_mod
 from load.generator import Plan, run_level
 from load.plot import draw
-from load.stats import latency_rows, table
+from load.stats import jsonable, latency_rows, table
 from load.system import REPO, machine
 
 CHEAP_ENV = {"VOICESTACK_CHEAP_ENGINES": "1", "VOICESTACK_CAPACITY": "5000"}
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+        args.json.write_text(json.dumps(jsonable(result), indent=1))
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         draw([("cheap engines" if args.cheap else "voicestack", levels)], args.plot)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from load.stats import STAGE_METRICS, fmt_ms, summarize, summarize_turns, table
+from load.stats import STAGE_METRICS, fmt_ms, jsonable, summarize, summarize_turns, table
 from voicestack.audio import PIPELINE_RATE, float_to_pcm16
 from voicestack.config import Settings
 
@@ -315,7 +315,7 @@ def main(argv=None) -> int:
               f"stream open p50 {hop['open_us']['p50']:.0f} us")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+        args.json.write_text(json.dumps(jsonable(result), indent=1))
     return 0
 
 

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 
 from load.stats import STAGE_METRICS, fmt_ms, percentile, summarize, summarize_turns
 from voicestack.audio import PIPELINE_RATE

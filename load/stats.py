@@ -104,3 +104,14 @@ def latency_rows(levels: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
             sum(level["errors"].values()), level["refused"],
         ])
     return headers, rows
+
+
+def jsonable(value):
+    """nan and inf as null, so the JSON is standard (browsers, jq)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -97,6 +98,22 @@ def cmd_up(args) -> int:
     return 0
 
 
+def print_waterfall(trace, width: int = 40) -> None:
+    """A turn's spans as the terminal can draw them: offset, duration and a bar."""
+    if not trace.spans:
+        return
+    total = max(s.start_ms + s.duration_ms for s in trace.spans) or 1.0
+    print(f"trace {trace.trace_id}")
+    depth = {"": -1}
+    for span in trace.spans:
+        depth[span.name] = depth.get(span.parent_name, 0) + 1
+    for span in trace.spans:
+        start = int(span.start_ms / total * width)
+        length = max(1, int(span.duration_ms / total * width))
+        label = "  " * depth.get(span.name, 0) + span.name
+        print(f"  {label:<22} {span.start_ms:7.0f} ms {span.duration_ms:7.0f} ms  |{' ' * start}{'#' * length}")
+
+
 def print_conversation(conversation) -> None:
     if conversation.opening:
         print(f"agent opened: {conversation.opening.reply_text.strip()!r}")
@@ -114,12 +131,17 @@ def print_conversation(conversation) -> None:
                 ["first text to TTS -> first audio", f"{m.tts_first_audio_ms:7.0f}"],
                 ["voice-to-voice (end of speech -> first agent audio out)", f"{m.voice_to_voice_ms:7.0f}"],
             ], ["latency", "ms"])
+        if turn.trace is not None:
+            print()
+            print_waterfall(turn.trace)
         print()
     for error in conversation.errors:
         print(f"error from {error.stage or 'edge'}: {error.message}", file=sys.stderr)
 
 
 async def _talk(args) -> int:
+    import grpc
+
     from voicestack.audio import read_wav, write_wav
     from voicestack.client import converse
     from voicestack.v1 import edge_pb2
@@ -130,7 +152,15 @@ async def _talk(args) -> int:
         print(f"talk: {error}", file=sys.stderr)
         return 2
     config = edge_pb2.SessionConfig(voice=args.voice, system_prompt=args.system_prompt)
-    conversation = await converse(args.address, audio, config=config, speed=args.speed, timeout=args.timeout)
+    metadata, credentials = None, None
+    api_key = os.environ.get("VOICESTACK_API_KEY", "")
+    if api_key:
+        metadata = (("authorization", f"Bearer {api_key}"),)
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
+    conversation = await converse(args.address, audio, config=config, speed=args.speed, timeout=args.timeout,
+                                  metadata=metadata, credentials=credentials)
     if conversation.status.name != "OK":
         print(f"talk: {conversation.status.name}: {conversation.details}", file=sys.stderr)
         return 1
@@ -145,6 +175,19 @@ async def _talk(args) -> int:
 
 def cmd_talk(args) -> int:
     return asyncio.run(_talk(args))
+
+
+def cmd_hash_key(args) -> int:
+    """The API-keys file line for a key read from stdin (the key itself is never stored)."""
+    from voicestack.edge.admission import digest
+
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("hash-key: give the key on stdin, e.g. `openssl rand -hex 24 | tee key.txt | voicestack hash-key`",
+              file=sys.stderr)
+        return 2
+    print(f"{digest(key)}  {args.name}  sessions={args.sessions}  per_minute={args.per_minute}")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -171,6 +214,8 @@ def add_talk_flags(parser) -> None:
     parser.add_argument("--voice", default="")
     parser.add_argument("--system-prompt", default="")
     parser.add_argument("--timeout", type=float, default=90.0)
+    parser.add_argument("--tls-ca", default="", help="CA certificate: connect with TLS (the edge's --tls-cert-file)")
+    # The API key comes from VOICESTACK_API_KEY, never a flag: flags show up in `ps`.
 
 
 def main(argv=None) -> int:
@@ -189,6 +234,12 @@ def main(argv=None) -> int:
     talk = commands.add_parser("talk", help="speak a WAV to the edge and save the reply")
     add_talk_flags(talk)
     talk.set_defaults(run=cmd_talk)
+
+    hash_key = commands.add_parser("hash-key", help="print the API-keys file line for a key given on stdin")
+    hash_key.add_argument("--name", default="client")
+    hash_key.add_argument("--sessions", type=int, default=20, help="concurrent sessions allowed")
+    hash_key.add_argument("--per-minute", type=int, default=60, help="new sessions allowed per minute")
+    hash_key.set_defaults(run=cmd_hash_key)
 
     demo = commands.add_parser("demo", help="`up`, one `talk`, then stop")
     add_talk_flags(demo)

@@ -25,6 +25,7 @@ class TurnResult:
     audio: bytearray = field(default_factory=bytearray)
     metrics: edge_pb2.TurnMetrics | None = None
     interrupted: edge_pb2.Interrupted | None = None
+    trace: edge_pb2.TurnTrace | None = None
     ended: bool = False
 
 
@@ -70,6 +71,8 @@ class Conversation:
             self.turn(body.turn_index).ended = True
         elif kind == "turn_metrics":
             self.turn(body.turn_index).metrics = body
+        elif kind == "turn_trace":
+            self.turn(body.turn_index).trace = body
         elif kind == "interrupted":
             self.turn(body.turn_index).interrupted = body
         elif kind == "error":

@@ -32,6 +32,8 @@ class Settings:
     grpc_port: int = 0
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # With a CA file, clients must present a certificate it signed (mTLS).
+    tls_client_ca_file: str = ""
     # Prometheus scrape port (0 = none).
     metrics_port: int = -1
     # Concurrent streams this replica takes before refusing opens.

@@ -70,13 +70,17 @@ def grpc_credentials(settings: Settings):
     if not settings.tls_cert_file:
         return None
     with open(settings.tls_cert_file, "rb") as cert, open(settings.tls_key_file, "rb") as key:
-        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+        pair = (key.read(), cert.read())
+    if settings.tls_client_ca_file:  # mTLS: only clients with a certificate from this CA
+        with open(settings.tls_client_ca_file, "rb") as ca:
+            return grpc.ssl_server_credentials([pair], root_certificates=ca.read(), require_client_auth=True)
+    return grpc.ssl_server_credentials([pair])
 
 
 async def serve(service, settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format=f"%(asctime)s {service.name} %(levelname)s %(name)s: %(message)s")
     log.info("starting with %s", json.dumps(public_view(settings)))
-    meters = telemetry.setup(service.name, settings.metrics_port)
+    meters = telemetry.setup(service.name, settings.metrics_port, settings.grpc_host)
     meters.observe_streams(lambda: service.active, lambda: service.capacity)
 
     stop = asyncio.Event()

@@ -144,7 +144,12 @@ class Meters:
         )
 
 
-def setup(service: str, metrics_port: int) -> Meters:
+def _otlp_wanted(signal: str) -> bool:
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+    return bool(endpoint) and os.environ.get(f"OTEL_{signal}_EXPORTER", "otlp").strip().lower() != "none"
+
+
+def setup(service: str, metrics_port: int, metrics_host: str = "127.0.0.1") -> Meters:
     """Install the SDK providers for this process. Call once, at start-up."""
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.resources import Resource
@@ -158,16 +163,20 @@ def setup(service: str, metrics_port: int) -> Meters:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, addr=os.environ.get("VOICESTACK_METRICS_HOST", "0.0.0.0"))
+        start_http_server(metrics_port, addr=os.environ.get("VOICESTACK_METRICS_HOST", metrics_host))
         readers.append(PrometheusMetricReader())
     tracer_provider = TracerProvider(resource=resource)
     tracer_provider.add_span_processor(turn_spans)
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    # OTLP export when an endpoint is configured; OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER
+    # = "none" turn either off (e.g. metrics scraped by Prometheus, traces pushed).
+    if _otlp_wanted("TRACES"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    if _otlp_wanted("METRICS"):
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))

@@ -13,6 +13,7 @@ import grpc
 from voicestack.audio import SUPPORTED_RATES
 from voicestack.bus import StageClient
 from voicestack.config import Settings
+from voicestack.edge.admission import Admission
 from voicestack.edge.session import Session
 from voicestack.errors import StageError, invalid
 from voicestack.v1 import audio_pb2, edge_pb2, edge_pb2_grpc, tts_pb2
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 TTS_SAMPLE_RATE = 24000
 MAX_SYSTEM_PROMPT_CHARS = 4000
 MAX_FRAME_MS = 100
+SLOW_CLIENT_SECONDS = 10.0
 
 
 def validate_config(config: edge_pb2.SessionConfig) -> None:
@@ -64,6 +66,7 @@ class EdgeService:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.capacity = settings.capacity
+        self.admission = Admission(settings.api_keys_file)
         self.sessions: dict[str, Session] = {}
         self.stages: StageClient | None = None
         self.meters = None
@@ -94,7 +97,11 @@ class EdgeService:
         await self.stages.start()
 
     async def drain(self, deadline_seconds: float) -> None:
+        """Tell every client to move (GoAway), let sessions end until the deadline."""
         self.draining = True
+        for session in list(self.sessions.values()):
+            session.emit(go_away=edge_pb2.GoAway(reason="edge replica is shutting down; reconnect",
+                                                 deadline_ms=int(deadline_seconds * 1000)))
         end = asyncio.get_running_loop().time() + deadline_seconds
         while self.sessions and asyncio.get_running_loop().time() < end:
             await asyncio.sleep(0.1)
@@ -119,16 +126,17 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
 
     async def Converse(self, request_iterator, context: grpc.aio.ServicerContext):
         edge = self.edge
-        if edge.draining:
-            edge.refused += 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "edge is draining; reconnect to another replica")
-        if edge.active >= edge.capacity:
-            edge.refused += 1
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"edge is at its session limit ({edge.capacity}); retry in a few seconds")
-        session = None
-        reader = None
+        session = reader = key = None
+        admitted = False
         try:
+            key = edge.admission.authenticate(context.invocation_metadata())
+            if edge.draining:
+                raise StageError(grpc.StatusCode.UNAVAILABLE, "edge is draining; reconnect to another replica")
+            if edge.active >= edge.capacity:
+                raise StageError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"edge is at its session limit ({edge.capacity}); retry in a few seconds")
+            edge.admission.admit(key)
+            admitted = True
             first = await anext(aiter(request_iterator), None)
             if first is None or first.WhichOneof("kind") != "config":
                 raise invalid("the first message must be a SessionConfig; send it before any audio")
@@ -137,19 +145,19 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             session = Session(uuid.uuid4().hex, edge.stages, first.config, edge.settings, edge.meters)
             edge.sessions[session.id] = session
             await session.start()
-            yield edge_pb2.ConverseResponse(session_started=edge_pb2.SessionStarted(
-                session_id=session.id, output_sample_rate_hz=TTS_SAMPLE_RATE))
+            await self._write(context, edge_pb2.ConverseResponse(session_started=edge_pb2.SessionStarted(
+                session_id=session.id, output_sample_rate_hz=TTS_SAMPLE_RATE)))
             reader = asyncio.create_task(self._read_client(request_iterator, session))
-            while True:
-                event = await session.events.get()
-                if event is None:
-                    break
-                yield event
+            while (event := await session.events.get()) is not None and session.failure is None:
+                await self._write(context, event)
             if session.failure:
                 raise session.failure
             edge.served += 1
         except StageError as error:
-            edge.errors += 1
+            if session is None:
+                edge.refused += 1
+            else:
+                edge.errors += 1
             await context.abort(error.code, str(error))
         finally:
             if reader:
@@ -157,6 +165,17 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             if session:
                 edge.sessions.pop(session.id, None)
                 await session.close()
+            if admitted:
+                edge.admission.release(key)
+
+    async def _write(self, context, event) -> None:
+        # A client that stops reading fills gRPC's window and then this wait: end its
+        # session rather than hold its audio in memory without bound.
+        try:
+            await asyncio.wait_for(context.write(event), SLOW_CLIENT_SECONDS)
+        except asyncio.TimeoutError:
+            raise StageError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"client read nothing for {SLOW_CLIENT_SECONDS:.0f} s; session ended") from None
 
     async def _read_client(self, request_iterator, session: Session) -> None:
         try:

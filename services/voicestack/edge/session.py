@@ -206,6 +206,8 @@ class Session:
         """End the session with `error` (the servicer turns it into the call's status)."""
         if self.failure is None:
             self.failure = error
+            while not self.events.empty():  # nothing more for this client: make room for the end
+                self.events.get_nowait()
             self._end_events()
 
     def _end_events(self) -> None:

@@ -1,0 +1,72 @@
+"""Graceful drain on real processes: a SIGTERM'd STT replica takes no new streams,
+finishes the ones it holds, then exits; no turn is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from conftest import silence, speak, words
+from voicestack.client import converse
+from voicestack.launcher import Stack
+
+
+def metric(port: int, name: str, **labels) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def two_stt(tmp_path_factory):
+    with Stack(ports="free", log_dir=tmp_path_factory.mktemp("drain")) as stack:
+        stack.start()
+        stack.spawn("stt", name="stt-2", env={"VOICESTACK_DRAIN_SECONDS": "20"})
+        stack.wait_ready(["stt-2"])
+        yield stack
+
+
+async def test_sigterm_drains_an_stt_replica_without_losing_a_turn(two_stt, tmp_path):
+    stack = two_stt
+    edge = stack.processes["edge"].address
+    question = np.concatenate([silence(3000), speak("What is the capital of France? Please tell me now.", tmp_path, speed=110)])
+    sessions = [asyncio.create_task(converse(edge, question, timeout=120)) for _ in range(3)]
+
+    # Wait until the utterances are being transcribed, then stop a replica that holds one.
+    replicas = {name: stack.processes[name] for name in ("stt", "stt-2")}
+    deadline = time.monotonic() + 60
+    busy = None
+    while busy is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        for name, process in replicas.items():
+            if metric(process.metrics_port, "voicestack_streams_active") > 0:
+                busy = name
+                break
+    assert busy, "no STT stream was ever opened"
+    other = next(name for name in replicas if name != busy)
+    served_before = metric(replicas[other].metrics_port, "voicestack_stage_latency_seconds_count", kind="final")
+    replicas[busy].popen.send_signal(signal.SIGTERM)
+
+    conversations = await asyncio.gather(*sessions)
+    for conversation in conversations:
+        assert conversation.status.name == "OK", conversation.details
+        [turn] = conversation.replies
+        assert {"capital", "france"} <= set(words(turn.transcript)), turn.transcript
+        assert turn.reply_text.strip()
+
+    # The drained replica finished its streams and exited cleanly.
+    assert replicas[busy].popen.wait(30) == 0
+    # A session that starts now is served by the other replica.
+    later = await converse(edge, question, timeout=120)
+    assert later.status.name == "OK" and {"capital", "france"} <= set(words(later.replies[0].transcript))
+    assert metric(replicas[other].metrics_port, "voicestack_stage_latency_seconds_count", kind="final") > served_before
