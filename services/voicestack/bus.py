@@ -97,11 +97,21 @@ class _Peer:
         )
 
 
-async def _ticker(peers: Callable[[], list[_Peer]], on_dead, interval: float) -> None:
-    """One task per process side: heartbeats out, dead peers found."""
+async def _ticker(nc: NatsClient, peers: Callable[[], list[_Peer]], on_dead, interval: float) -> None:
+    """One task per process side: heartbeats out, dead peers found. While our own
+    connection is down nobody can be heard, so nobody is declared dead; once it is back,
+    every peer gets a fresh timeout."""
+    was_connected = True
     while True:
         await asyncio.sleep(interval)
         now = time.monotonic()
+        if not nc.is_connected:
+            was_connected = False
+            continue
+        if not was_connected:
+            was_connected = True
+            for peer in peers():
+                peer.last_heard = now
         for peer in peers():
             if peer.closed:
                 continue
@@ -195,7 +205,7 @@ class StageEndpoint:
         self._subs.append(await self.nc.subscribe(f"vs.{self.stage}.s.{self.replica_id}.*", cb=self._on_input))
         await self._update_queue_membership()
         self._ticker = asyncio.create_task(
-            _ticker(lambda: list(self.streams.values()), self._on_dead, self.peer_timeout / 8)
+            _ticker(self.nc, lambda: list(self.streams.values()), self._on_dead, self.peer_timeout / 8)
         )
 
     async def _update_queue_membership(self) -> None:
@@ -353,7 +363,8 @@ class StageClient:
         self._prefix = self.nc.new_inbox()
         self._sub = await self.nc.subscribe(self._prefix + ".*", cb=self._on_output)
         self._ticker = asyncio.create_task(
-            _ticker(lambda: [s._peer for s in self.streams.values() if s._peer], self._on_dead, self.peer_timeout / 8)
+            _ticker(self.nc, lambda: [s._peer for s in self.streams.values() if s._peer], self._on_dead,
+                    self.peer_timeout / 8)
         )
 
     async def close(self) -> None:

@@ -80,19 +80,26 @@ class Stack:
     """A nats-server plus voicestack services on this machine."""
 
     def __init__(self, *, nats_port: int | None = None, ports: str = "default", log_dir: str | Path | None = None,
-                 env: dict | None = None, nats_args: list[str] | None = None):
+                 env: dict | None = None, nats_args: list[str] | None = None, nats_cluster: int = 1):
         # ports="default": the documented ports; "free": any free ones (tests run beside a demo).
+        # nats_cluster=N: N clustered nats-servers on loopback; services get all N URLs.
         self.free_ports = ports == "free"
         self.nats_port = nats_port or (free_port() if self.free_ports else 4222)
+        self.nats_ports = [self.nats_port] + [free_port() for _ in range(nats_cluster - 1)]
+        self.route_ports = [free_port() for _ in range(nats_cluster)] if nats_cluster > 1 else []
+        self.nats_servers: list[subprocess.Popen | None] = [None] * nats_cluster
         self.log_dir = Path(log_dir) if log_dir else None
         self.env = {**os.environ, **(env or {})}
         self.nats_args = nats_args or []
-        self.nats: subprocess.Popen | None = None
         self.processes: dict[str, Process] = {}
 
     @property
     def nats_url(self) -> str:
-        return f"nats://127.0.0.1:{self.nats_port}"
+        return ",".join(f"nats://127.0.0.1:{port}" for port in self.nats_ports)
+
+    @property
+    def nats(self) -> subprocess.Popen | None:
+        return self.nats_servers[0]
 
     def _log_file(self, name: str):
         if self.log_dir is None:
@@ -100,17 +107,24 @@ class Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         return open(self.log_dir / f"{name}.log", "ab")
 
-    def start_nats(self) -> None:
-        self.nats = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_port), *self.nats_args],
-            stdout=self._log_file("nats"), stderr=subprocess.STDOUT,
-        )
-        wait_for_port(self.nats_port, 10, self.nats)
+    def start_nats(self, index: int | None = None) -> None:
+        """Start the nats-server(s) (or just server `index`, e.g. after stopping it)."""
+        for i in ([index] if index is not None else range(len(self.nats_ports))):
+            command = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_ports[i]), *self.nats_args]
+            if self.route_ports:
+                routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(self.route_ports) if j != i)
+                command += ["-n", f"vs-nats-{i}", "--cluster_name", "voicestack",
+                            "--cluster", f"nats://127.0.0.1:{self.route_ports[i]}", "--routes", routes]
+            self.nats_servers[i] = subprocess.Popen(command, stdout=self._log_file(f"nats-{i}" if i else "nats"),
+                                                    stderr=subprocess.STDOUT)
+            wait_for_port(self.nats_ports[i], 10, self.nats_servers[i])
 
-    def stop_nats(self) -> None:
-        if self.nats and self.nats.poll() is None:
-            self.nats.terminate()
-            self.nats.wait(10)
+    def stop_nats(self, index: int | None = None) -> None:
+        for i in ([index] if index is not None else range(len(self.nats_servers))):
+            server = self.nats_servers[i]
+            if server and server.poll() is None:
+                server.terminate()
+                server.wait(10)
 
     def spawn(self, service: str, name: str | None = None, args: list[str] | None = None, env: dict | None = None) -> Process:
         """Start one service process (not waiting for it)."""

@@ -26,6 +26,23 @@ MAX_FRAME_MS = 100
 SLOW_CLIENT_SECONDS = 10.0
 
 
+class Malformed:
+    """Stands in for a request that did not parse."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def WhichOneof(self, _) -> str:
+        return "malformed"
+
+
+def parse_request(data: bytes):
+    try:
+        return edge_pb2.ConverseRequest.FromString(data)
+    except Exception as error:  # noqa: BLE001 - any parse failure is the client's to fix
+        return Malformed(error)
+
+
 def validate_config(config: edge_pb2.SessionConfig) -> None:
     """Every way a SessionConfig can be wrong, each with what to fix."""
     fmt = config.input_format
@@ -89,7 +106,16 @@ class EdgeService:
         }
 
     def add_to_grpc(self, server) -> None:
-        edge_pb2_grpc.add_EdgeServiceServicer_to_server(EdgeServicer(self), server)
+        # Registered by hand, not with the generated helper, so that bytes that do not
+        # parse (or strings that are not UTF-8) reach the servicer and get INVALID_ARGUMENT
+        # instead of grpc's INTERNAL.
+        handler = grpc.stream_stream_rpc_method_handler(
+            EdgeServicer(self).Converse,
+            request_deserializer=parse_request,
+            response_serializer=edge_pb2.ConverseResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            self.grpc_service_names[0], {"Converse": handler}),))
 
     async def start(self, nc, meters) -> None:
         self.meters = meters
@@ -138,6 +164,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             edge.admission.admit(key)
             admitted = True
             first = await anext(aiter(request_iterator), None)
+            if isinstance(first, Malformed):
+                raise invalid("malformed ConverseRequest: not a valid protobuf (check the message type and UTF-8 strings)")
             if first is None or first.WhichOneof("kind") != "config":
                 raise invalid("the first message must be a SessionConfig; send it before any audio")
             validate_config(first.config)
@@ -188,6 +216,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                     session.on_playback(request.playback)
                 elif kind == "config":
                     raise invalid("SessionConfig was already sent; send it once, first")
+                elif kind == "malformed":
+                    raise invalid("malformed ConverseRequest: not a valid protobuf (check the message type and UTF-8 strings)")
                 else:
                     raise invalid("empty ConverseRequest; set config, audio or playback")
             await session.finish_input()

@@ -180,6 +180,8 @@ class Session:
         self.audio_base_ms = 0
         self.arrivals: deque = deque(maxlen=4000)  # (audio end ms, wall time)
         self.vad: StageStream | None = None
+        self.vad_base_ms = 0
+        self.input_finished = False
         self.failure: StageError | None = None
         # Each turn is its own trace; this short span links them to the session.
         session_span = telemetry.start_span("session", voicestack__session__id=session_id)
@@ -249,7 +251,8 @@ class Session:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
+    async def _open_vad(self) -> None:
+        """A VAD stream from here on: its offsets count from the audio received so far."""
         tt = self.turn_taking
         self.vad = await self.stages.open(
             "vad", vad_pb2.DetectResponse,
@@ -257,8 +260,12 @@ class Session:
                 sample_rate_hz=PIPELINE_RATE, min_silence_ms=tt.silence_ms, min_speech_ms=tt.min_speech_ms,
                 pause_ms=tt.speculative_pause_ms if tt.speculation else 0,
             )),
-            session_id=self.id, replay=False,
+            session_id=self.id, replay=False,  # a session of audio is too much to replay: reopen instead
         )
+        self.vad_base_ms = self.audio_ms
+
+    async def start(self) -> None:
+        await self._open_vad()
         self.spawn(self._read_vad())
         fixed = []
         if self.settings.disclosure and self.settings.disclosure_text:
@@ -270,6 +277,7 @@ class Session:
 
     async def finish_input(self) -> None:
         """The client closed its side: finish the turn in progress, then end."""
+        self.input_finished = True
         await self.vad.end()
 
     async def close(self) -> None:
@@ -321,19 +329,21 @@ class Session:
 
     async def _read_vad(self) -> None:
         try:
-            async for event in self.vad:
-                u = self.utterance
-                if event.type == VAD_EVENT.VAD_EVENT_TYPE_SPEECH_STARTED:
-                    await self._start_utterance(event.offset_ms)
-                elif u is None:
-                    continue
-                elif event.type == VAD_EVENT.VAD_EVENT_TYPE_SPEECH_ENDED:
-                    await self._end_utterance(event.offset_ms)
-                elif event.type == VAD_EVENT.VAD_EVENT_TYPE_SPEECH_PAUSED:
-                    self._speculate(u, event.offset_ms)
-                elif event.type == VAD_EVENT.VAD_EVENT_TYPE_SPEECH_RESUMED and u.speculation:
-                    await self._speculation_missed(u)
+            while True:
+                try:
+                    await self._handle_vad_events()
+                    break
+                except StageError as error:
+                    if error.code != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    # The VAD replica died: a fresh stream elsewhere (it re-learns the
+                    # speech state within a frame or two; an utterance in progress goes on).
+                    log.warning("session %s: %s; reopening the VAD stream", self.id, error)
+                    await self._open_vad()
+                    if self.input_finished:
+                        await self.vad.end()
             # The client closed its side: let the last turn and reply finish, then end the call.
+            # (The VAD stream ended because the client's audio did.)
             while self._turns_finishing:
                 await asyncio.gather(*self._turns_finishing, return_exceptions=True)
             if self.reply and self.reply.task:
@@ -342,6 +352,22 @@ class Session:
             self._end_events()
         except StageError as error:
             self.fail(error)
+
+    async def _handle_vad_events(self) -> None:
+        async for event in self.vad:
+            u = self.utterance
+            offset_ms = self.vad_base_ms + event.offset_ms
+            if event.type == VAD_EVENT.VAD_EVENT_TYPE_SPEECH_STARTED:
+                if u is None:  # (after a VAD reopen mid-utterance, the utterance just goes on)
+                    await self._start_utterance(offset_ms)
+            elif u is None:
+                continue
+            elif event.type == VAD_EVENT.VAD_EVENT_TYPE_SPEECH_ENDED:
+                await self._end_utterance(offset_ms)
+            elif event.type == VAD_EVENT.VAD_EVENT_TYPE_SPEECH_PAUSED:
+                self._speculate(u, offset_ms)
+            elif event.type == VAD_EVENT.VAD_EVENT_TYPE_SPEECH_RESUMED and u.speculation:
+                await self._speculation_missed(u)
 
     async def _start_utterance(self, speech_ms: int) -> None:
         self.turn_count += 1
