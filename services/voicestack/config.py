@@ -58,7 +58,13 @@ class Settings:
     llm_temperature: float = 0.3
     # STT model: "" = embedded tiny.en, or a faster-whisper size name / CTranslate2 path.
     stt_model: str = ""
+    # STT: decode as soon as speech pauses, so the final transcript is (nearly) ready
+    # when the edge ends the turn. Off = decode the whole utterance at its end.
+    stt_pause_decode: bool = True
     tts_voice: str = ""
+    # TTS: "clause" speaks a clause (comma, 4+ words) as soon as it is written;
+    # "sentence" waits for the sentence's end.
+    tts_split: str = "clause"
     # Measured on the embedded SmolLM2-135M: naming the language keeps it from drifting into French.
     system_prompt: str = "You are a helpful assistant who speaks English. Reply in one short sentence."
     # Edge: the AI disclosure the agent speaks first in every session (EU AI Act

@@ -4,8 +4,10 @@ final transcript when the input closes."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
+from dataclasses import dataclass
+
+import numpy as np
 
 from opentelemetry import trace
 
@@ -21,6 +23,21 @@ MAX_UTTERANCE_SECONDS = 60.0
 # Interim decodes re-read the whole utterance; one per this much new audio keeps
 # them from starving the final decode on a small CPU.
 INTERIM_EVERY_SECONDS = 0.8
+PAUSE_BYTES = int(0.2 * PIPELINE_RATE) * 2  # quiet this long after speech starts a decode
+SILENCE_FLOOR = 0.003  # RMS below this is silence whatever the speaker's level
+QUIET_FRACTION = 0.05  # ... and so is anything 26 dB below the loudest chunk so far
+
+
+@dataclass
+class _Decode:
+    task: asyncio.Task
+    covers: int  # bytes of audio it decodes
+    reported: bool = False
+
+
+def rms(pcm: bytes) -> float:
+    samples = pcm16_to_float(pcm)
+    return float(np.sqrt(np.mean(samples * samples))) if samples.size else 0.0
 
 
 class SttStage(Stage):
@@ -54,8 +71,9 @@ class SttStage(Stage):
         if config.language not in ("", "en") and not config.language.startswith("en-"):
             raise invalid(f"language {config.language!r} is not served: the model is English only")
         audio = bytearray()
-        decoded_up_to = 0
-        interim: asyncio.Task | None = None
+        speech_end = 0  # bytes: just past the last chunk that sounded like speech
+        loudest = 0.0
+        decode: _Decode | None = None  # the decode in flight, or the last one done
         last_interim = ""
         try:
             async for request in requests:
@@ -67,22 +85,35 @@ class SttStage(Stage):
                 audio += pcm
                 if len(audio) > MAX_UTTERANCE_SECONDS * PIPELINE_RATE * 2:
                     raise invalid(f"utterance longer than {MAX_UTTERANCE_SECONDS:.0f} s; end it and start another")
-                if interim is not None and interim.done():
-                    text, seconds = interim.result()
-                    interim = None
-                    if text and text != last_interim:
+                level = rms(pcm)
+                loudest = max(loudest, level)
+                if level > max(SILENCE_FLOOR, QUIET_FRACTION * loudest):
+                    speech_end = len(audio)
+                if decode is not None and decode.task.done() and not decode.reported:
+                    decode.reported = True
+                    text, seconds = decode.task.result()
+                    if config.interim_results and text and text != last_interim:
                         last_interim = text
-                        yield stt_pb2.TranscribeResponse(text=text, audio_seconds=decoded_up_to / 2 / PIPELINE_RATE, compute_seconds=seconds)
-                if (config.interim_results and interim is None
-                        and len(audio) - decoded_up_to >= INTERIM_EVERY_SECONDS * PIPELINE_RATE * 2):
-                    decoded_up_to = len(audio)
-                    interim = asyncio.create_task(self._decode(bytes(audio)))
+                        yield stt_pb2.TranscribeResponse(text=text, audio_seconds=decode.covers / 2 / PIPELINE_RATE,
+                                                         compute_seconds=seconds)
+                if decode is None or decode.task.done():
+                    decoded = decode.covers if decode else 0
+                    # Speech has paused: decode now, so that if the turn ends here the
+                    # final transcript is ready (or nearly) when the end arrives.
+                    paused = (self.settings.stt_pause_decode and speech_end > decoded
+                              and len(audio) - speech_end >= PAUSE_BYTES)
+                    due = config.interim_results and len(audio) - decoded >= INTERIM_EVERY_SECONDS * PIPELINE_RATE * 2
+                    if paused or due:
+                        decode = _Decode(asyncio.create_task(self._decode(bytes(audio))), len(audio))
+            if decode is not None and self.settings.stt_pause_decode and decode.covers >= speech_end:
+                # Nothing but quiet since that decode began: its transcript is the final one.
+                text, seconds = await decode.task
+                decode = None
+            else:
+                text, seconds = await self._decode(bytes(audio))
         finally:
-            if interim is not None:
-                interim.cancel()
-                with contextlib.suppress(BaseException):
-                    await interim  # the thread finishes its decode; the final one queues behind it
-        text, seconds = await self._decode(bytes(audio))
+            if decode is not None and not decode.task.done():
+                decode.task.cancel()  # (its thread finishes in the background)
         audio_seconds = len(audio) / 2 / PIPELINE_RATE
         self.record("final", seconds)
         if self.meters:

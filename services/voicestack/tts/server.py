@@ -24,12 +24,12 @@ _CLAUSE_END = re.compile(r"[,;:]\s")
 MIN_CLAUSE_WORDS = 4
 
 
-def split_clauses(text: str, final: bool = False) -> tuple[list[str], str]:
-    """Clauses ready to speak, and the rest still being written."""
+def split_clauses(text: str, final: bool = False, clauses: bool = True) -> tuple[list[str], str]:
+    """Clauses (or, with clauses=False, sentences) ready to speak, and the rest still being written."""
     ready = []
     while True:
         match = _SENTENCE_END.search(text)
-        clause = _CLAUSE_END.search(text)
+        clause = _CLAUSE_END.search(text) if clauses else None
         if clause and (not match or clause.start() < match.start()) and len(text[: clause.end()].split()) >= MIN_CLAUSE_WORDS:
             match = clause
         if not match:
@@ -93,6 +93,7 @@ class TtsStage(Stage):
         span = trace.get_current_span()
         span.set_attribute("voicestack.model", "kokoro-82m-int8")
         span.set_attribute("voicestack.tts.voice", voice)
+        by_clause = self.settings.tts_split != "sentence"
         pending = ""
         spoken = 0
         async for request in requests:
@@ -101,12 +102,12 @@ class TtsStage(Stage):
             pending += request.text
             if len(pending) > MAX_PENDING_CHARS:
                 raise invalid(f"over {MAX_PENDING_CHARS} characters without a clause boundary")
-            clauses, pending = split_clauses(pending)
+            clauses, pending = split_clauses(pending, clauses=by_clause)
             for clause in clauses:
                 async for response in self._speak(clause, voice, speed, first=spoken == 0):
                     yield response
                 spoken += 1
-        clauses, _ = split_clauses(pending, final=True)
+        clauses, _ = split_clauses(pending, final=True, clauses=by_clause)
         for clause in clauses:
             async for response in self._speak(clause, voice, speed, first=spoken == 0):
                 yield response
