@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROTOS := $(wildcard protos/voicestack/v1/*.proto)
 GEN := $(patsubst protos/%.proto,services/%_pb2.py,$(PROTOS))
-APT_PACKAGES := nats-server espeak-ng alsa-utils sox
+APT_PACKAGES := nats-server espeak-ng alsa-utils sox prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_QUESTION ?= What is the capital of France?
 
@@ -14,11 +14,12 @@ DEMO_QUESTION ?= What is the capital of France?
 all: deps proto
 
 # Debian packages: nats-server (the bus), espeak-ng (TTS phonemes, test speech),
-# alsa-utils (recorded human speech for tests), sox.
+# alsa-utils (recorded human speech for tests), sox, prometheus (promtool and a real
+# Prometheus for the dashboard and alert tests).
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; fi
 
 # The venv is rebuilt when pyproject.toml changes. llama-cpp-python is an sdist
 # (about 8 min to compile on 2 cores); pip caches the built wheel for next time.

@@ -83,8 +83,28 @@ def _steady(samples: list, sessions: int) -> dict:
     }
 
 
+async def _measure(address: str, pids: dict, monitor_port: int, plan: Plan, speech: list, progress: bool) -> dict:
+    """One level with its CPU and NATS samples."""
+    live = Live(plan)
+    samples: list = []
+    stop = asyncio.Event()
+    meter = CpuMeter({**pids, "load generator": os.getpid()})
+    sampler = asyncio.create_task(_sample(meter, monitor_port, live, samples, stop))
+    try:
+        level = await run_level(address, plan, speech, live=live, progress=progress)
+    finally:
+        stop.set()
+        await sampler
+    level["resources"] = _steady(samples, plan.sessions)
+    level.pop("turns")  # hundreds of turns a level: the summaries carry them
+    return level
+
+
 async def sweep(address: str, pids: dict, monitor_port: int, levels=LEVELS, turns: int = 2,
-                budget_s: float = 180.0, progress: bool = True, speech=None) -> dict:
+                budget_s: float = 180.0, progress: bool = True, speech=None, confirm: bool = True) -> dict:
+    """Levels in order until one degrades. With `confirm`, a level that degrades without failing
+    runs once more, and counts as degraded only if it does again: other work on a small shared
+    machine comes in bursts, and one burst should not end the sweep."""
     speech = speech or speech_mod.sentences()
     results = []
     began = time.monotonic()
@@ -97,32 +117,31 @@ async def sweep(address: str, pids: dict, monitor_port: int, levels=LEVELS, turn
         # The 1-session reference gets more turns: every later level is judged against its p95.
         plan = Plan(sessions=n, turns=max(turns, 4) if n == 1 else turns, ramp_s=min(5.0, 0.05 * n),
                     silence_ms=SILENCE_MS, turn_timeout_s=20.0)
-        live = Live(plan)
-        samples: list = []
-        stop = asyncio.Event()
-        meter = CpuMeter({**pids, "load generator": os.getpid()})
-        sampler = asyncio.create_task(_sample(meter, monitor_port, live, samples, stop))
-        try:
-            level = await run_level(address, plan, speech, live=live, progress=progress)
-        finally:
-            stop.set()
-            await sampler
-        level["resources"] = _steady(samples, n)
-        level.pop("turns")  # hundreds of turns a level: the summaries carry them
-        p95 = level["summary"]["voice_to_voice_ms"]["p95"]
-        if reference is None:
-            reference = p95
-        level["v2v_p95_vs_1_session"] = p95 / reference if reference else math.nan
-        failures = sum(level["errors"].values()) + level["refused"] + (level["turns_planned"] - level["turns_ok"])
-        level["degraded"] = bool(failures) or not p95 <= reference * DEGRADED
+        attempts = []
+        while True:
+            level = await _measure(address, pids, monitor_port, plan, speech, progress)
+            p95 = level["summary"]["voice_to_voice_ms"]["p95"]
+            if reference is None:
+                reference = p95
+            level["v2v_p95_vs_1_session"] = p95 / reference if reference else math.nan
+            failures = sum(level["errors"].values()) + level["refused"] + (level["turns_planned"] - level["turns_ok"])
+            level["failures"] = failures
+            level["degraded"] = bool(failures) or not p95 <= reference * DEGRADED
+            attempts.append(level)
+            if progress:
+                r = level["resources"]
+                print(f"  {n} sessions: v2v p95 {fmt_ms(p95)} ms ({level['v2v_p95_vs_1_session']:.2f}x), "
+                      f"edge {r['edge_cores']:.2f} cores, {r['nats_in_msgs_per_s_per_session']:.0f} NATS msgs in/s "
+                      f"a session, failures {failures}", file=sys.stderr)
+            if not (confirm and level["degraded"] and not failures and len(attempts) == 1):
+                break
+            print(f"  {n} sessions degraded: running it once more to confirm", file=sys.stderr)
+        level["attempts_p95_vs_1_session"] = [a["v2v_p95_vs_1_session"] for a in attempts]
         results.append(level)
-        if progress:
-            r = level["resources"]
-            print(f"  {n} sessions: v2v p95 {fmt_ms(p95)} ms ({level['v2v_p95_vs_1_session']:.2f}x), edge {r['edge_cores']:.2f} cores, "
-                  f"{r['nats_in_msgs_per_s_per_session']:.0f} NATS msgs in/s a session, failures {failures}", file=sys.stderr)
         if level["degraded"]:
-            stopped = (f"{n} sessions: " + (f"{failures} failed turns/sessions" if failures else
-                                             f"v2v p95 {level['v2v_p95_vs_1_session']:.2f}x the 1-session p95"))
+            stopped = (f"{n} sessions: " + (f"{level['failures']} failed turns/sessions" if level["failures"] else
+                                             "v2v p95 " + " then ".join(f"{x:.2f}x" for x in level["attempts_p95_vs_1_session"])
+                                             + " the 1-session p95"))
             if level["send_lag_ms"]["p99"] > CLIENT_LAG_MS:
                 stopped += (f"; the load generator itself fell behind (frames up to "
                             f"{level['send_lag_ms']['p99']:.0f} ms late at p99), so the machine, not the edge alone, was saturated")
@@ -132,7 +151,8 @@ async def sweep(address: str, pids: dict, monitor_port: int, levels=LEVELS, turn
     return {
         "levels": results,
         "stopped": stopped,
-        "criterion": f"v2v p95 <= {DEGRADED:.2f} x the 1-session p95, no failures; endpointing silence {SILENCE_MS} ms",
+        "criterion": (f"v2v p95 <= {DEGRADED:.2f} x the 1-session p95 and no failures (a level that degrades runs "
+                      f"again and counts only if it degrades twice); endpointing silence {SILENCE_MS} ms"),
         "sustained_sessions": best["sessions"] if best else 0,
         "sessions_per_edge_core": best["resources"]["sessions_per_edge_core"] if best else math.nan,
         "edge_cpu_ms_per_session_second": best["resources"]["edge_cpu_ms_per_session_second"] if best else math.nan,
@@ -169,9 +189,10 @@ def capacity_table(result: dict) -> str:
     rows = []
     for level in result["levels"]:
         r, v = level["resources"], level["summary"]["voice_to_voice_ms"]
-        failures = sum(level["errors"].values()) + level["refused"]
+        failures = level.get("failures", sum(level["errors"].values()) + level["refused"])
         rows.append([
-            level["sessions"], fmt_ms(v["p50"]), fmt_ms(v["p95"]), f"{level['v2v_p95_vs_1_session']:.2f}x",
+            level["sessions"], fmt_ms(v["p50"]), fmt_ms(v["p95"]),
+            " then ".join(f"{x:.2f}x" for x in level.get("attempts_p95_vs_1_session", [level["v2v_p95_vs_1_session"]])),
             f"{r['edge_cores']:.2f}", f"{r['sessions_per_edge_core']:.0f}", f"{r['edge_cpu_ms_per_session_second']:.1f}",
             f"{r['nats_in_msgs_per_s_per_session']:.0f}", f"{r['nats_out_msgs_per_s_per_session']:.0f}",
             f"{r['cores'].get('load generator', math.nan):.2f}", fmt_ms(level["send_lag_ms"]["p99"]),

@@ -77,11 +77,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence], markdown: bool = Tru
 
 
 def _looks_numeric(text: str) -> bool:
-    text = text.strip().rstrip("%x").replace(",", "")
+    text = text.strip().replace(",", "")
     if text in ("-", ""):
         return True
     try:
-        float(text.split("/")[0].split(" ")[0])
+        float(text.split("/")[0].split(" ")[0].rstrip("%x"))
         return True
     except ValueError:
         return False
