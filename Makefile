@@ -9,7 +9,7 @@ APT_PACKAGES := nats-server espeak-ng alsa-utils sox prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_QUESTION ?= What is the capital of France?
 
-.PHONY: all deps apt venv proto helm demo test bench clean
+.PHONY: all deps apt venv proto helm lint-proto demo test bench clean
 
 all: deps proto
 
@@ -47,6 +47,14 @@ $(HELM): tools/get_helm.py | $(VENV)/.installed
 
 helm: $(HELM)
 
+# buf (protobuf lint) from the npm registry, into .tools/ (ignored).
+BUF := .tools/node_modules/.bin/buf
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0
+
+lint-proto: $(BUF)
+	$(BUF) lint protos
+
 build/question.wav: | apt
 	@mkdir -p build
 	espeak-ng -s 150 -w $@ "$(DEMO_QUESTION)"
@@ -56,7 +64,7 @@ build/question.wav: | apt
 demo: deps proto build/question.wav
 	$(BIN)/voicestack demo --wav build/question.wav --out build/REPLY.wav
 
-test: deps proto $(HELM)
+test: deps proto $(HELM) lint-proto
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: deps proto

@@ -70,3 +70,41 @@ async def test_sigterm_drains_an_stt_replica_without_losing_a_turn(two_stt, tmp_
     later = await converse(edge, question, timeout=120)
     assert later.status.name == "OK" and {"capital", "france"} <= set(words(later.replies[0].transcript))
     assert metric(replicas[other].metrics_port, "voicestack_stage_latency_seconds_count", kind="final") > served_before
+
+
+async def test_sigterm_on_the_edge_sends_goaway_and_drains(two_stt):
+    import grpc
+
+    from voicestack.client import FRAME_MS, frames
+    from voicestack.v1 import edge_pb2, edge_pb2_grpc
+
+    stack = two_stt
+    edge = stack.spawn("edge", name="edge-2", env={"VOICESTACK_DRAIN_SECONDS": "3"})
+    stack.wait_ready(["edge-2"])
+    stop = asyncio.Event()
+
+    async def requests():
+        yield edge_pb2.ConverseRequest(config=edge_pb2.SessionConfig())
+        quiet = frames(silence(FRAME_MS))[0]
+        while not stop.is_set():
+            yield edge_pb2.ConverseRequest(audio=edge_pb2.AudioFrame(pcm=quiet))
+            await asyncio.sleep(FRAME_MS / 1000)
+
+    async with grpc.aio.insecure_channel(edge.address) as channel:
+        call = edge_pb2_grpc.EdgeServiceStub(channel).Converse(requests(), timeout=60)
+        kinds = []
+        status = grpc.StatusCode.OK
+        try:
+            async for event in call:
+                kinds.append(event.WhichOneof("kind"))
+                if kinds[-1] == "session_started":
+                    edge.popen.send_signal(signal.SIGTERM)
+                if kinds[-1] == "go_away":
+                    assert event.go_away.deadline_ms == 3000 and "reconnect" in event.go_away.reason
+        except grpc.aio.AioRpcError as error:
+            status = error.code()
+        finally:
+            stop.set()
+    assert "go_away" in kinds, kinds
+    assert status in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), status
+    assert edge.popen.wait(30) == 0
