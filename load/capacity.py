@@ -28,7 +28,7 @@ from pathlib import Path
 
 from load import speech as speech_mod
 from load.generator import Live, Plan, run_level
-from load.stats import fmt_ms, jsonable, table
+from load.stats import fmt_ms, jsonable, summarize, table
 from load.system import REPO, CpuMeter, nats_varz
 
 CHEAP_ENV = {"VOICESTACK_CHEAP_ENGINES": "1", "VOICESTACK_CAPACITY": "5000"}
@@ -96,6 +96,10 @@ async def _measure(address: str, pids: dict, monitor_port: int, plan: Plan, spee
         stop.set()
         await sampler
     level["resources"] = _steady(samples, plan.sessions)
+    # With engines that take no time, what follows the endpointing decision is the edge's
+    # and the bus's own work: STT final, LLM first token and TTS first audio over NATS.
+    level["after_endpointing_ms"] = summarize(t["voice_to_voice_ms"] - t["endpointing_ms"]
+                                              for t in level["turns"] if t["ok"])
     level.pop("turns")  # hundreds of turns a level: the summaries carry them
     return level
 
@@ -153,6 +157,7 @@ async def sweep(address: str, pids: dict, monitor_port: int, levels=LEVELS, turn
         "stopped": stopped,
         "criterion": (f"v2v p95 <= {DEGRADED:.2f} x the 1-session p95 and no failures (a level that degrades runs "
                       f"again and counts only if it degrades twice); endpointing silence {SILENCE_MS} ms"),
+        "one_session": results[0]["summary"] | {"after_endpointing_ms": results[0]["after_endpointing_ms"]} if results else {},
         "sustained_sessions": best["sessions"] if best else 0,
         "sessions_per_edge_core": best["resources"]["sessions_per_edge_core"] if best else math.nan,
         "edge_cpu_ms_per_session_second": best["resources"]["edge_cpu_ms_per_session_second"] if best else math.nan,
@@ -192,6 +197,7 @@ def capacity_table(result: dict) -> str:
         failures = level.get("failures", sum(level["errors"].values()) + level["refused"])
         rows.append([
             level["sessions"], fmt_ms(v["p50"]), fmt_ms(v["p95"]),
+            fmt_ms(level["after_endpointing_ms"]["p50"]), fmt_ms(level["after_endpointing_ms"]["p95"]),
             " then ".join(f"{x:.2f}x" for x in level.get("attempts_p95_vs_1_session", [level["v2v_p95_vs_1_session"]])),
             f"{r['edge_cores']:.2f}", f"{r['sessions_per_edge_core']:.0f}", f"{r['edge_cpu_ms_per_session_second']:.1f}",
             f"{r['nats_in_msgs_per_s_per_session']:.0f}", f"{r['nats_out_msgs_per_s_per_session']:.0f}",
@@ -199,7 +205,7 @@ def capacity_table(result: dict) -> str:
             f"{r['machine_cores_busy']:.2f}",
             f"{level['turns_ok']}/{level['turns_planned']}", failures,
         ])
-    return table(["sessions", "v2v p50", "v2v p95", "p95 vs 1", "edge cores", "sessions/edge core",
+    return table(["sessions", "v2v p50", "v2v p95", "after endpointing p50", "after endpointing p95", "p95 vs 1", "edge cores", "sessions/edge core",
                   "edge CPU ms per session-s", "NATS in msg/s/session", "NATS out msg/s/session",
                   "load gen cores", "load gen lag p99 ms", "all cores busy", "turns ok", "failures"], rows)
 

@@ -1,0 +1,193 @@
+"""Before/after numbers for the latency features, measured in one run on real processes:
+
+- speculative replies off vs on (per session: same stack, sessions alternate);
+- STT finalization with and without decoding at speech pauses (`stt_pause_decode`),
+  through the STT stage's own gRPC API at real-time pace: end of input -> final;
+- TTS time to first audio, clause vs sentence splitting (`tts_split`), text streamed
+  to the TTS stage at an LLM's pace;
+- barge-in reaction: user speech start (in the audio) -> agent audio stopped.
+
+The STT and TTS variants restart that stage's process with the setting changed.
+
+    python -m load.features [--turns 5] [--json build/features.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from load.speech import speak
+from load.stats import summarize, table
+from voicestack.audio import PIPELINE_RATE, float_to_pcm16
+from voicestack.client import converse, silence
+from voicestack.launcher import Stack
+from voicestack.v1 import audio_pb2, edge_pb2, stt_pb2, stt_pb2_grpc, tts_pb2, tts_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+QUESTIONS = ("What is the capital of France?", "Why is the sky blue?", "How far away is the moon?")
+STORY = "You are a storyteller. Always answer with a very long story of at least twenty sentences."
+TTS_TEXT = ("The capital of France is Paris, a city of light and art, "
+            "and it is lovely in the spring when the trees are green.")
+LLM_TOKEN_SECONDS = 0.01  # the embedded LLM writes ~100 tokens/s
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def speculation(edge: str, turns: int) -> dict:
+    results = {"off": [], "on": []}
+    for i in range(turns):
+        question = speak(QUESTIONS[i % len(QUESTIONS)])
+        for mode, value in (("off", edge_pb2.SPECULATION_MODE_OFF), ("on", edge_pb2.SPECULATION_MODE_ON)):
+            config = edge_pb2.SessionConfig(endpointing=edge_pb2.EndpointingConfig(speculation=value))
+            conversation = await converse(edge, np.concatenate([silence(300), question]), config=config, timeout=90)
+            metrics = [t.metrics for t in conversation.replies if t.metrics and t.metrics.voice_to_voice_ms]
+            if metrics:
+                results[mode].append({"voice_to_voice_ms": metrics[-1].voice_to_voice_ms,
+                                      "hit": metrics[-1].speculative_hit})
+            log(f"  speculation {mode}: {metrics[-1].voice_to_voice_ms if metrics else float('nan'):.0f} ms")
+    return {mode: {"voice_to_voice": summarize(r["voice_to_voice_ms"] for r in rows),
+                   "hits": sum(r["hit"] for r in rows), "turns": len(rows)}
+            for mode, rows in results.items()}
+
+
+async def stt_finalization(address: str, turns: int) -> list[float]:
+    """End of input -> final transcript, the utterance streamed at real time with the
+    600 ms of trailing silence the edge's endpointing would send before ending it."""
+    latencies = []
+    for i in range(turns):
+        audio = np.concatenate([speak(QUESTIONS[i % len(QUESTIONS)]), silence(600)])
+        pcm = float_to_pcm16(audio)
+        step = PIPELINE_RATE * 20 // 1000 * 2
+        ended = 0.0
+
+        async def requests():
+            nonlocal ended
+            yield stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(interim_results=True))
+            start = time.monotonic()
+            for n, offset in enumerate(range(0, len(pcm), step)):
+                yield stt_pb2.TranscribeRequest(audio=audio_pb2.AudioChunk(pcm=pcm[offset: offset + step]))
+                await asyncio.sleep(max(0.0, start + (n + 1) * 0.02 - time.monotonic()))
+            ended = time.monotonic()
+
+        async with grpc.aio.insecure_channel(address) as channel:
+            async for result in stt_pb2_grpc.SttServiceStub(channel).Transcribe(requests()):
+                if result.is_final:
+                    latencies.append((time.monotonic() - ended) * 1000)
+    return latencies
+
+
+async def tts_first_audio(address: str, turns: int) -> list[float]:
+    """First text in -> first audio out, the reply arriving word by word as from an LLM."""
+    latencies = []
+    for _ in range(turns):
+        first_text = 0.0
+
+        async def requests():
+            nonlocal first_text
+            yield tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig())
+            first_text = time.monotonic()
+            for word in TTS_TEXT.split(" "):
+                yield tts_pb2.SynthesizeRequest(text=word + " ")
+                await asyncio.sleep(LLM_TOKEN_SECONDS)
+
+        async with grpc.aio.insecure_channel(address) as channel:
+            async for result in tts_pb2_grpc.TtsServiceStub(channel).Synthesize(requests()):
+                latencies.append((time.monotonic() - first_text) * 1000)
+                break
+    return latencies
+
+
+async def barge_in(edge: str, turns: int) -> list[float]:
+    reactions = []
+    for i in range(turns):
+        audio = np.concatenate([silence(300), speak("Tell me a story about a dragon."), silence(4500),
+                                speak("Stop, I have another question.")])
+        config = edge_pb2.SessionConfig(system_prompt=STORY, max_reply_tokens=400)
+        conversation = await converse(edge, audio, config=config, expect_turns=2, timeout=120)
+        interrupted = [t.interrupted for t in conversation.replies if t.interrupted]
+        if interrupted:
+            reactions.append(interrupted[0].barge_in_reaction_ms)
+        log(f"  barge-in: {reactions[-1] if interrupted else float('nan'):.0f} ms")
+    return reactions
+
+
+def restart(stack: Stack, service: str, **settings) -> str:
+    stack.stop(service)
+    env = {f"VOICESTACK_{k.upper()}": str(v) for k, v in settings.items()}
+    process = stack.spawn(service, env=env)
+    stack.wait_ready([service])
+    return process.address
+
+
+async def measure(stack: Stack, turns: int) -> dict:
+    edge, stt, tts = (stack.processes[n].address for n in ("edge", "stt", "tts"))
+    result = {}
+    log("speculative replies off/on ...")
+    result["speculation"] = await speculation(edge, turns)
+    log("barge-in ...")
+    result["barge_in"] = summarize(await barge_in(edge, max(2, turns // 2)))
+    log("STT finalization: pause decode on ...")
+    on = await stt_finalization(stt, turns)
+    stt = restart(stack, "stt", stt_pause_decode="false")
+    log("STT finalization: pause decode off ...")
+    off = await stt_finalization(stt, turns)
+    result["stt_final"] = {"pause_decode_off": summarize(off), "pause_decode_on": summarize(on)}
+    log("TTS first audio: clause ...")
+    clause = await tts_first_audio(tts, turns)
+    tts = restart(stack, "tts", tts_split="sentence")
+    log("TTS first audio: sentence ...")
+    sentence = await tts_first_audio(tts, turns)
+    result["tts_first_audio"] = {"sentence": summarize(sentence), "clause": summarize(clause)}
+    return result
+
+
+def markdown(result: dict) -> str:
+    def ms(summary, key="p50"):
+        value = summary.get(key, float("nan"))
+        return f"{value:.0f}" if value == value else "-"
+
+    spec = result["speculation"]
+    rows = [
+        ["voice-to-voice, speculation off", ms(spec["off"]["voice_to_voice"]), ms(spec["off"]["voice_to_voice"], "p95"), spec["off"]["turns"]],
+        ["voice-to-voice, speculation on", ms(spec["on"]["voice_to_voice"]), ms(spec["on"]["voice_to_voice"], "p95"),
+         f'{spec["on"]["turns"]} ({spec["on"]["hits"]} hits)'],
+        ["barge-in reaction (speech start -> agent audio stopped)", ms(result["barge_in"]), ms(result["barge_in"], "p95"), result["barge_in"].get("n", 0)],
+        ["STT finalization, decode at end only (before)", ms(result["stt_final"]["pause_decode_off"]), ms(result["stt_final"]["pause_decode_off"], "p95"), result["stt_final"]["pause_decode_off"].get("n", 0)],
+        ["STT finalization, decode at speech pauses (after)", ms(result["stt_final"]["pause_decode_on"]), ms(result["stt_final"]["pause_decode_on"], "p95"), result["stt_final"]["pause_decode_on"].get("n", 0)],
+        ["TTS first audio, whole sentence (before)", ms(result["tts_first_audio"]["sentence"]), ms(result["tts_first_audio"]["sentence"], "p95"), result["tts_first_audio"]["sentence"].get("n", 0)],
+        ["TTS first audio, first clause (after)", ms(result["tts_first_audio"]["clause"]), ms(result["tts_first_audio"]["clause"], "p95"), result["tts_first_audio"]["clause"].get("n", 0)],
+    ]
+    return table(["measurement", "p50 ms", "p95 ms", "n"], rows)
+
+
+def run(turns: int = 5, log_dir: Path = REPO / "build" / "features-logs") -> dict:
+    # The disclosure is off here only so each measured session starts with the question.
+    with Stack(ports="free", log_dir=log_dir, env={"VOICESTACK_DISCLOSURE": "false"}) as stack:
+        stack.start()
+        return asyncio.run(measure(stack, turns))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--json", default=str(REPO / "build" / "features.json"))
+    args = parser.parse_args(argv)
+    result = run(args.turns)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
