@@ -113,7 +113,7 @@ async def barge_in(edge: str, turns: int) -> list[float]:
         audio = np.concatenate([silence(300), speak("Tell me a story about a dragon."), silence(4500),
                                 speak("Stop, I have another question.")])
         config = edge_pb2.SessionConfig(system_prompt=STORY, max_reply_tokens=400)
-        conversation = await converse(edge, audio, config=config, expect_turns=2, timeout=120)
+        conversation = await converse(edge, audio, config=config, expect_turns=1, timeout=120)
         interrupted = [t.interrupted for t in conversation.replies if t.interrupted]
         if interrupted:
             reactions.append(interrupted[0].barge_in_reaction_ms)
