@@ -22,8 +22,10 @@ class Script:
         self.conversation = Conversation()
         self.first_audio = {}  # turn -> monotonic time of its first agent audio
         self.audio_after_interrupt = 0
+        self.timeline = []  # (monotonic time, event) for every event received
         self.changed = asyncio.Event()
         self.finished = False
+        self.call_ended = False  # the server ended the call (its status is in conversation)
 
     async def wait_for(self, predicate, timeout=60.0):
         deadline = time.monotonic() + timeout
@@ -64,14 +66,23 @@ class Script:
                 await asyncio.sleep(max(0.0, start + sent * FRAME_MS / 1000 - time.monotonic()))
 
         async def read(call):
-            async for event in call:
-                self.conversation.record(event)
-                if event.WhichOneof("kind") == "agent_audio":
-                    turn = self.conversation.turns[event.agent_audio.turn_index]
-                    self.first_audio.setdefault(turn.index, time.monotonic())
-                    if turn.interrupted:
-                        self.audio_after_interrupt += 1
-                self.changed.set()
+            try:
+                async for event in call:
+                    self.timeline.append((time.monotonic(), event))
+                    self.conversation.record(event)
+                    if event.WhichOneof("kind") == "agent_audio":
+                        turn = self.conversation.turns[event.agent_audio.turn_index]
+                        self.first_audio.setdefault(turn.index, time.monotonic())
+                        if turn.interrupted:
+                            self.audio_after_interrupt += 1
+                    self.changed.set()
+            except grpc.aio.AioRpcError as error:
+                self.conversation.status, self.conversation.details = error.code(), error.details()
+                raise
+            finally:
+                if not self.finished:
+                    self.call_ended = True
+                    self.changed.set()
 
         async with grpc.aio.insecure_channel(address) as channel:
             call = edge_pb2_grpc.EdgeServiceStub(channel).Converse(requests(), timeout=180)

@@ -10,14 +10,24 @@ A stage stream is opened, fed, drained and closed like a gRPC stream:
           sequence number and W3C trace context travel in NATS headers.
   liveness both ends send a heartbeat when they have sent nothing for a while;
           a peer silent for `peer_timeout` seconds is dead.
+  loss    core NATS is at-most-once: across a server restart or a cluster node loss
+          messages can vanish. A gap in the sequence numbers fails the stream
+          (UNAVAILABLE), which the opener treats like a dead replica: reopen and
+          replay. A stream never goes on with a hole in its audio or its text.
   end     the opener's "end" closes the input; the stage's "end" closes the output.
   cancel  stops the stage's work at once (barge-in depends on it).
   failover when a replica dies mid-stream the opener reopens on another one, replays
           the inputs sent so far and skips the outputs it already has (stages are
           deterministic for the same input), so the caller sees a delay, not an error.
+          A stage whose outputs are snapshots rather than deltas (STT: each transcript
+          is the whole text so far, and how many interim ones come depends on timing)
+          is opened with skip_delivered=False: its outputs are simply sent again.
 
 A replica at capacity leaves the queue group until a stream ends, so opens go to
-replicas that can take them; a late open is refused with RESOURCE_EXHAUSTED.
+replicas that can take them; a late open is refused with RESOURCE_EXHAUSTED. When the
+queue group is empty, the opener asks "vs.<stage>.overflow", where every live replica
+listens whatever its load: a full one refuses (RESOURCE_EXHAUSTED: busy, retry), and
+only silence there means no replica at all (UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ log = logging.getLogger(__name__)
 KIND, SEQ, CODE, MESSAGE = "Vs-Kind", "Vs-Seq", "Vs-Code", "Vs-Message"
 DATA, END, CANCEL, HEARTBEAT, ERROR = "data", "end", "cancel", "hb", "error"
 _DEAD = "dead"  # local only: the watchdog's verdict
+_GAP = "gap"  # local only: a message of the peer's was lost on the bus
 MAX_QUEUED_INPUTS = 2000  # ~40 s of 20 ms frames: a stage this far behind has failed
 
 
@@ -53,6 +64,10 @@ def open_subject(stage: str, replica: str = "") -> str:
 
 def queue_group(stage: str) -> str:
     return f"vs.{stage}"
+
+
+def overflow_subject(stage: str) -> str:
+    return f"vs.{stage}.overflow"
 
 
 class _Peer:
@@ -79,14 +94,18 @@ class _Peer:
         await self.nc.publish(self.out_subject, payload, headers=headers)
 
     def accept(self, msg) -> str | None:
-        """The message's kind, or None for a duplicate or stale message."""
+        """The message's kind, None for a duplicate or stale message, or _GAP when one
+        before it never came."""
         headers = msg.headers or {}
         seq = int(headers.get(SEQ, "0"))
         if seq and seq <= self.seq_in:
             return None
-        if seq:
-            self.seq_in = seq
         self.last_heard = time.monotonic()
+        if seq:
+            lost = seq > self.seq_in + 1
+            self.seq_in = seq
+            if lost:
+                return _GAP
         return headers.get(KIND, DATA)
 
     def tick(self, now: float) -> tuple[bool, bool]:
@@ -145,6 +164,7 @@ class _ServerStream(_Peer):
         self.inputs: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
         self.cancelled_by_peer = False
+        self.lost_input = False
 
     async def requests(self) -> AsyncIterator:
         while True:
@@ -202,6 +222,8 @@ class StageEndpoint:
 
     async def start(self) -> None:
         self._subs.append(await self.nc.subscribe(open_subject(self.stage, self.replica_id), cb=self._on_open))
+        self._subs.append(await self.nc.subscribe(overflow_subject(self.stage), queue=overflow_subject(self.stage),
+                                                  cb=self._on_open))
         self._subs.append(await self.nc.subscribe(f"vs.{self.stage}.s.{self.replica_id}.*", cb=self._on_input))
         await self._update_queue_membership()
         self._ticker = asyncio.create_task(
@@ -227,7 +249,7 @@ class StageEndpoint:
             self.stats.opens_refused += 1
             self.on_refused()
             code = grpc.StatusCode.UNAVAILABLE if self.draining else grpc.StatusCode.RESOURCE_EXHAUSTED
-            why = "draining" if self.draining else f"at capacity ({self.capacity} streams)"
+            why = "draining" if self.draining else f"at capacity ({self.capacity} streams); retry in a few seconds"
             await msg.respond(
                 bus_pb2.OpenStreamResponse(
                     replica_id=self.replica_id, error_code=code_to_int(code),
@@ -254,7 +276,15 @@ class StageEndpoint:
         if stream is None:
             return
         kind = stream.accept(msg)
-        if kind == DATA:
+        if kind == _GAP:
+            # An input never came (a NATS fault): answering from what is left would be
+            # wrong (a transcript with a hole); fail, and the opener replays it all.
+            log.warning("%s stream %s: an input was lost on the bus; failing it for a replay",
+                        self.stage, stream.context.stream_id)
+            stream.lost_input = True
+            if stream.task:
+                stream.task.cancel()
+        elif kind == DATA:
             stream.context.headers = msg.headers or {}  # the latest input's trace context
             if stream.inputs.qsize() >= MAX_QUEUED_INPUTS:
                 stream.task.cancel()
@@ -299,10 +329,11 @@ class StageEndpoint:
             self.stats.streams_cancelled += 1
             if span is not None:
                 span.set_attribute("voicestack.cancelled", True)
-            if not stream.cancelled_by_peer:  # we are shutting down: tell the opener to fail over
+            if not stream.cancelled_by_peer:  # we are shutting down, or lost input: the opener fails over
+                why = "lost an input on the bus" if stream.lost_input else "stopped"
                 with contextlib.suppress(Exception):
                     await stream.publish(ERROR, extra={CODE: str(code_to_int(grpc.StatusCode.UNAVAILABLE)),
-                                                       MESSAGE: f"{self.stage} replica stopped"})
+                                                       MESSAGE: f"{self.stage} replica {why}"})
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status for the opener
             error = as_stage_error(exc, self.stage)
             self.stats.errors += 1
@@ -324,7 +355,7 @@ class StageEndpoint:
         """Take no new streams, let open ones finish until the deadline, then stop them."""
         self.draining = True
         await self._update_queue_membership()
-        for sub in self._subs[:1]:  # the affinity subject, too
+        for sub in self._subs[:2]:  # the affinity and overflow subjects, too
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         end = time.monotonic() + deadline_seconds
@@ -339,7 +370,7 @@ class StageEndpoint:
     async def close(self) -> None:
         if self._ticker:
             self._ticker.cancel()
-        for sub in self._subs[1:]:
+        for sub in self._subs[2:]:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
@@ -377,10 +408,11 @@ class StageClient:
                 await self._sub.unsubscribe()
 
     async def open(
-        self, stage: str, response_type, first=None, *, session_id: str = "", replica: str = "", replay: bool = True
+        self, stage: str, response_type, first=None, *, session_id: str = "", replica: str = "", replay: bool = True,
+        skip_delivered: bool = True,
     ) -> "StageStream":
         """Open a stream on `stage` (on `replica` if it still can, else any) and send `first`."""
-        stream = StageStream(self, stage, response_type, session_id, replay)
+        stream = StageStream(self, stage, response_type, session_id, replay, skip_delivered)
         await stream._open(replica)
         if first is not None:
             await stream.send(first)
@@ -401,10 +433,12 @@ class StageClient:
 class StageStream:
     """The opener's end of one stage stream: send(), end(), cancel(), async-iterate outputs."""
 
-    def __init__(self, client: StageClient, stage: str, response_type, session_id: str, replay: bool):
+    def __init__(self, client: StageClient, stage: str, response_type, session_id: str, replay: bool,
+                 skip_delivered: bool = True):
         self.client, self.stage, self.response_type = client, stage, response_type
         self.session_id = session_id
         self.replay = replay
+        self.skip_delivered = skip_delivered
         self.replica_id = ""
         self.failovers = 0
         self._inbox_id = ""
@@ -416,6 +450,10 @@ class StageStream:
         self._skip = 0
         self._cancelled = False
         self._outputs: asyncio.Queue = asyncio.Queue()
+        # Clear while a failover reopens and replays: a send meanwhile would reach the new
+        # replica ahead of the replay (audio out of order) and then again within it.
+        self._switched = asyncio.Event()
+        self._switched.set()
 
     async def _open(self, replica: str = "") -> None:
         nc = self.client.nc
@@ -431,7 +469,15 @@ class StageStream:
         last_error = None
         for attempt, subject in enumerate(subjects):
             try:
-                reply = await nc.request(subject, request, timeout=self.client.open_timeout, headers=headers)
+                try:
+                    reply = await nc.request(subject, request, timeout=self.client.open_timeout, headers=headers)
+                except nats.errors.NoRespondersError:
+                    if subject != open_subject(self.stage):
+                        raise
+                    # An empty queue group means every replica is full (or there are none):
+                    # the overflow subject tells the two apart.
+                    reply = await nc.request(overflow_subject(self.stage), request,
+                                             timeout=self.client.open_timeout, headers=headers)
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                 last_error = StageError(grpc.StatusCode.UNAVAILABLE, f"no {self.stage} replica is available", self.stage)
                 if subject != open_subject(self.stage):
@@ -449,11 +495,13 @@ class StageStream:
 
     async def send(self, message) -> None:
         payload = message.SerializeToString()
+        await self._switched.wait()
         if self.replay:
             self._sent.append(payload)
         await self._peer.publish(DATA, payload)
 
     async def end(self) -> None:
+        await self._switched.wait()
         self._ended = True
         await self._peer.publish(END)
 
@@ -477,7 +525,7 @@ class StageStream:
         kind = self._peer.accept(msg)
         if kind is None or kind == HEARTBEAT:
             return
-        self._outputs.put_nowait((kind, msg))
+        self._outputs.put_nowait((kind, msg))  # (_GAP: outputs are counted in order; past a lost one, fail over)
 
     def __aiter__(self):
         return self
@@ -499,27 +547,39 @@ class StageStream:
             if kind == ERROR:
                 code = code_from_int(int(msg.headers.get(CODE, "2")))
                 error = StageError(code, msg.headers.get(MESSAGE, "stage failed"), self.stage)
+            elif kind == _GAP:
+                error = StageError(grpc.StatusCode.UNAVAILABLE,
+                                   f"{self.stage} output lost on the bus (replica {self.replica_id})", self.stage)
             else:  # _DEAD
                 error = StageError(grpc.StatusCode.UNAVAILABLE, f"{self.stage} replica {self.replica_id} stopped answering", self.stage)
             if error.code == grpc.StatusCode.UNAVAILABLE and self.replay and not self._done:
                 await self._failover(error)
                 continue
+            if kind == _GAP:  # the replica is alive: stop its work
+                with contextlib.suppress(Exception):
+                    await self._peer.publish(CANCEL)
             self._close()
             raise error
 
     async def _failover(self, cause: StageError) -> None:
         """Reopen on another replica, replay the inputs, skip outputs already delivered."""
         log.warning("%s stream failing over from %s: %s", self.stage, self.replica_id, cause.message)
+        with contextlib.suppress(Exception):  # a replica still alive (lost messages) stops its work
+            await self._peer.publish(CANCEL)
         self.client.streams.pop(self._inbox_id, None)
         self.failovers += 1
-        try:
-            await self._open()
-        except StageError:
-            self._close()
-            raise
+        self._switched.clear()
         self._outputs = asyncio.Queue()  # anything left from the dead replica is stale
-        self._skip = self._delivered
-        for payload in self._sent:
-            await self._peer.publish(DATA, payload)
-        if self._ended:
-            await self._peer.publish(END)
+        try:
+            try:
+                await self._open()
+            except StageError:
+                self._close()
+                raise
+            self._skip = self._delivered if self.skip_delivered else 0
+            for payload in self._sent:
+                await self._peer.publish(DATA, payload)
+            if self._ended:
+                await self._peer.publish(END)
+        finally:
+            self._switched.set()

@@ -57,6 +57,20 @@ def health_status(address: str, timeout: float = 1.0) -> str:
         return "DOWN"
 
 
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def process_ready(process: "Process") -> bool:
+    # A TLS (or mTLS) listener cannot be asked over plaintext, and the launcher holds no
+    # client certificate; its port opens only after the service has started (runtime.serve),
+    # just before health turns SERVING, so an open port is the readiness signal there.
+    if process.tls:
+        return port_open(process.grpc_port)
+    return health_status(process.address, 0.5) == "SERVING"
+
+
 @dataclass
 class Process:
     name: str  # "stt", or "stt-2" for a second replica
@@ -65,6 +79,7 @@ class Process:
     grpc_port: int
     metrics_port: int
     log_path: Path | None = None
+    tls: bool = False  # its gRPC listener wants TLS: plaintext health checks cannot reach it
     started: float = field(default_factory=time.monotonic)
     ready_after: float = 0.0
 
@@ -135,9 +150,12 @@ class Stack:
                    "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
                    "--replica-id", f"{name}-{os.getpid()}-{grpc_port}", *(args or [])]
         log = self._log_file(name)
-        popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
+        process_env = {**self.env, **(env or {})}
+        popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=process_env,
                                  start_new_session=True)  # Ctrl-C reaches `up`, which stops the services in order
-        process = Process(name, service, popen, grpc_port, metrics_port, self.log_dir / f"{name}.log" if self.log_dir else None)
+        tls = bool(process_env.get("VOICESTACK_TLS_CERT_FILE")) or "--tls-cert-file" in (args or [])
+        process = Process(name, service, popen, grpc_port, metrics_port,
+                          self.log_dir / f"{name}.log" if self.log_dir else None, tls=tls)
         self.processes[name] = process
         return process
 
@@ -151,7 +169,7 @@ class Stack:
                 if not process.alive():
                     tail = process.log_path.read_text()[-2000:] if process.log_path and process.log_path.exists() else ""
                     raise RuntimeError(f"{name} exited with {process.popen.returncode} while starting\n{tail}")
-                if health_status(process.address, 0.5) == "SERVING":
+                if process_ready(process):
                     process.ready_after = time.monotonic() - process.started
                     pending.remove(name)
                     if progress:

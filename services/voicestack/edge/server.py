@@ -24,6 +24,8 @@ TTS_SAMPLE_RATE = 24000
 MAX_SYSTEM_PROMPT_CHARS = 4000
 MAX_FRAME_MS = 100
 SLOW_CLIENT_SECONDS = 10.0
+# A call that sends no SessionConfig holds a session place (and its key's) for nothing.
+FIRST_MESSAGE_SECONDS = 10.0
 
 
 class Malformed:
@@ -85,6 +87,7 @@ class EdgeService:
         self.capacity = settings.capacity
         self.admission = Admission(settings.api_keys_file)
         self.sessions: dict[str, Session] = {}
+        self.starting = 0  # calls admitted whose session is not in `sessions` yet
         self.stages: StageClient | None = None
         self.meters = None
         self.draining = False
@@ -93,7 +96,7 @@ class EdgeService:
 
     @property
     def active(self) -> int:
-        return len(self.sessions)
+        return len(self.sessions) + self.starting
 
     def describe(self) -> dict:
         return {"model": "-", "device": "cpu"}
@@ -153,7 +156,24 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     async def Converse(self, request_iterator, context: grpc.aio.ServicerContext):
         edge = self.edge
         session = reader = key = None
-        admitted = False
+        admitted = starting = False
+
+        async def release() -> None:
+            nonlocal session, reader, admitted, starting
+            if starting:
+                edge.starting -= 1
+                starting = False
+            if reader:
+                reader.cancel()
+                reader = None
+            if session:
+                edge.sessions.pop(session.id, None)
+                ending, session = session, None
+                await ending.close()
+            if admitted:
+                edge.admission.release(key)
+                admitted = False
+
         try:
             key = edge.admission.authenticate(context.invocation_metadata())
             if edge.draining:
@@ -163,7 +183,14 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                                  f"edge is at its session limit ({edge.capacity}); retry in a few seconds")
             edge.admission.admit(key)
             admitted = True
-            first = await anext(aiter(request_iterator), None)
+            # The place is taken now, before the awaits below: calls arriving together
+            # must not all pass the check above.
+            edge.starting += 1
+            starting = True
+            try:
+                first = await asyncio.wait_for(anext(aiter(request_iterator), None), FIRST_MESSAGE_SECONDS)
+            except asyncio.TimeoutError:
+                raise invalid(f"no SessionConfig within {FIRST_MESSAGE_SECONDS:.0f} s of the call's start") from None
             if isinstance(first, Malformed):
                 raise invalid("malformed ConverseRequest: not a valid protobuf (check the message type and UTF-8 strings)")
             if first is None or first.WhichOneof("kind") != "config":
@@ -172,6 +199,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             await edge.check_voice(first.config.voice)
             session = Session(uuid.uuid4().hex, edge.stages, first.config, edge.settings, edge.meters)
             edge.sessions[session.id] = session
+            edge.starting -= 1
+            starting = False
             await session.start()
             await self._write(context, edge_pb2.ConverseResponse(session_started=edge_pb2.SessionStarted(
                 session_id=session.id, output_sample_rate_hz=TTS_SAMPLE_RATE)))
@@ -186,15 +215,13 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 edge.refused += 1
             else:
                 edge.errors += 1
+            # Free the session first: to a client that stopped reading, the status is
+            # queued behind the audio it has not read, and abort() waits until it reads
+            # (or goes away); meanwhile it must hold no stage streams and no places.
+            await release()
             await context.abort(error.code, str(error))
         finally:
-            if reader:
-                reader.cancel()
-            if session:
-                edge.sessions.pop(session.id, None)
-                await session.close()
-            if admitted:
-                edge.admission.release(key)
+            await release()
 
     async def _write(self, context, event) -> None:
         # A client that stops reading fills gRPC's window and then this wait: end its

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 PRE_ROLL_MS = 200  # audio before the VAD's speech start, so first phonemes are not clipped
 RING_MS = 2000  # audio kept while nobody speaks
 MAX_EVENTS_QUEUED = 2000  # a client this far behind is not reading: end its session
+VAD_CHUNK_BYTES = PIPELINE_RATE // 10 * 2  # 100 ms: what a client's largest frame carries
 VAD_EVENT = vad_pb2.VadEventType
 
 
@@ -252,9 +253,10 @@ class Session:
     # ------------------------------------------------------------------ lifecycle
 
     async def _open_vad(self) -> None:
-        """A VAD stream from here on: its offsets count from the audio received so far."""
+        """A VAD stream from here on: its offsets count from the audio received so far,
+        or, when it replaces a lost one mid-utterance, from the utterance's start."""
         tt = self.turn_taking
-        self.vad = await self.stages.open(
+        vad = await self.stages.open(
             "vad", vad_pb2.DetectResponse,
             vad_pb2.DetectRequest(config=vad_pb2.VadConfig(
                 sample_rate_hz=PIPELINE_RATE, min_silence_ms=tt.silence_ms, min_speech_ms=tt.min_speech_ms,
@@ -262,7 +264,19 @@ class Session:
             )),
             session_id=self.id, replay=False,  # a session of audio is too much to replay: reopen instead
         )
-        self.vad_base_ms = self.audio_ms
+        # A new stream that missed the start of the speech in progress would never hear it
+        # end (the turn would hang until max_utterance_ms): it hears the utterance again.
+        # Audio arriving meanwhile is caught up too; then live audio follows, in order.
+        start = self.utterance.start_ms if self.utterance else self.audio_ms
+        sent = start
+        while sent < self.audio_ms:
+            end = self.audio_ms
+            pcm = self.audio_between(sent, end)
+            for offset in range(0, len(pcm), VAD_CHUNK_BYTES):
+                await vad.send(vad_pb2.DetectRequest(audio=audio_pb2.AudioChunk(
+                    pcm=pcm[offset: offset + VAD_CHUNK_BYTES], sample_rate_hz=PIPELINE_RATE)))
+            sent = end
+        self.vad, self.vad_base_ms = vad, start
 
     async def start(self) -> None:
         await self._open_vad()
@@ -386,6 +400,9 @@ class Session:
                     "stt", stt_pb2.TranscribeResponse,
                     stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(sample_rate_hz=PIPELINE_RATE, interim_results=True)),
                     session_id=self.id,
+                    # Transcripts are snapshots whose number depends on timing: after a
+                    # failover take them all again (skipping by count could drop the final).
+                    skip_delivered=False,
                 )
         except StageError as error:
             self._turn_error(u.index, error)
@@ -530,6 +547,7 @@ class Session:
             stt = await self.stages.open(
                 "stt", stt_pb2.TranscribeResponse,
                 stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(sample_rate_hz=PIPELINE_RATE)), session_id=self.id,
+                skip_delivered=False,
             )
         spec.streams.append(stt)
         await send_audio(stt, audio)
