@@ -4,7 +4,6 @@ finishes the ones it holds, then exits; no turn is lost."""
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import time
 import urllib.request

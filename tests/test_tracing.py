@@ -14,7 +14,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from conftest import silence, speak, words
 from voicestack.client import converse
-from voicestack.launcher import Stack, free_port
+from voicestack.launcher import Stack
 
 SERVICES = ("edge", "vad", "stt", "llm", "tts")
 
