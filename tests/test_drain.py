@@ -59,15 +59,18 @@ async def test_sigterm_drains_an_stt_replica_without_losing_a_turn(two_stt, tmp_
     conversations = await asyncio.gather(*sessions)
     for conversation in conversations:
         assert conversation.status.name == "OK", conversation.details
-        [turn] = conversation.replies
-        assert {"capital", "france"} <= set(words(turn.transcript)), turn.transcript
-        assert turn.reply_text.strip()
+        # (A slow speaker's pause between the two sentences may make them two turns.)
+        heard = " ".join(t.transcript for t in conversation.replies)
+        assert {"capital", "france"} <= set(words(heard)), heard
+        assert any(t.reply_text.strip() for t in conversation.replies)
+        assert not conversation.errors, conversation.errors
 
     # The drained replica finished its streams and exited cleanly.
     assert replicas[busy].popen.wait(30) == 0
     # A session that starts now is served by the other replica.
     later = await converse(edge, question, timeout=120)
-    assert later.status.name == "OK" and {"capital", "france"} <= set(words(later.replies[0].transcript))
+    assert later.status.name == "OK"
+    assert {"capital", "france"} <= set(words(" ".join(t.transcript for t in later.replies)))
     assert metric(replicas[other].metrics_port, "voicestack_stage_latency_seconds_count", kind="final") > served_before
 
 

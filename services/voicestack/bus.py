@@ -58,6 +58,11 @@ _GAP = "gap"  # local only: a message of the peer's was lost on the bus
 MAX_QUEUED_INPUTS = 2000  # ~40 s of 20 ms frames: a stage this far behind has failed
 
 
+# Request/reply, TTS queue group: the voices a TTS replica speaks, as a JSON list
+# (the edge checks a session's voice with it without opening a stream).
+TTS_VOICES_SUBJECT = "vs.tts.voices"
+
+
 def open_subject(stage: str, replica: str = "") -> str:
     return f"vs.{stage}.open.{replica}" if replica else f"vs.{stage}.open"
 

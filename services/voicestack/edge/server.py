@@ -4,19 +4,21 @@ client that opens stage streams for every session."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 
 import grpc
+import nats.errors
 
 from voicestack.audio import SUPPORTED_RATES
-from voicestack.bus import StageClient
+from voicestack.bus import TTS_VOICES_SUBJECT, StageClient
 from voicestack.config import Settings
 from voicestack.edge.admission import Admission
 from voicestack.edge.session import Session
 from voicestack.errors import StageError, invalid
-from voicestack.v1 import audio_pb2, edge_pb2, edge_pb2_grpc, tts_pb2
+from voicestack.v1 import audio_pb2, edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ class EdgeService:
         self.meters = None
         self.draining = False
         self.served = self.refused = self.errors = 0
+        self._voices: set[str] = set()
+        self._voices_at = -1e9
         self.started_at = time.time()
 
     @property
@@ -138,15 +142,19 @@ class EdgeService:
             await self.stages.close()
 
     async def check_voice(self, voice: str) -> None:
-        """Refuse an unknown voice at session start, not at the first reply."""
+        """Refuse an unknown voice at session start, not at the first reply. The TTS
+        replicas answer "vs.tts.voices" (a queue group); the list is kept for a minute."""
         if not voice:
             return
-        stream = await self.stages.open(
-            "tts", tts_pb2.SynthesizeResponse, tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(voice=voice))
-        )
-        await stream.end()
-        async for _ in stream:
-            pass
+        now = time.monotonic()
+        if now - self._voices_at > 60:
+            try:
+                reply = await self.stages.nc.request(TTS_VOICES_SUBJECT, b"", timeout=2.0)
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                raise StageError(grpc.StatusCode.UNAVAILABLE, "no tts replica is available", "tts") from None
+            self._voices, self._voices_at = set(json.loads(reply.data)), now
+        if voice not in self._voices:
+            raise invalid(f"unknown voice {voice!r}; available: {', '.join(sorted(self._voices))}")
 
 
 class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
@@ -176,6 +184,13 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
 
         try:
             key = edge.admission.authenticate(context.invocation_metadata())
+            # Read the first message before refusing anything: a call refused while its
+            # first message is still on the way reaches the client as INTERNAL, not as
+            # the status we chose.
+            try:
+                first = await asyncio.wait_for(anext(aiter(request_iterator), None), FIRST_MESSAGE_SECONDS)
+            except asyncio.TimeoutError:
+                raise invalid(f"no SessionConfig within {FIRST_MESSAGE_SECONDS:.0f} s of the call's start") from None
             if edge.draining:
                 raise StageError(grpc.StatusCode.UNAVAILABLE, "edge is draining; reconnect to another replica")
             if edge.active >= edge.capacity:
@@ -187,10 +202,6 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             # must not all pass the check above.
             edge.starting += 1
             starting = True
-            try:
-                first = await asyncio.wait_for(anext(aiter(request_iterator), None), FIRST_MESSAGE_SECONDS)
-            except asyncio.TimeoutError:
-                raise invalid(f"no SessionConfig within {FIRST_MESSAGE_SECONDS:.0f} s of the call's start") from None
             if isinstance(first, Malformed):
                 raise invalid("malformed ConverseRequest: not a valid protobuf (check the message type and UTF-8 strings)")
             if first is None or first.WhichOneof("kind") != "config":

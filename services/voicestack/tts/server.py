@@ -4,11 +4,13 @@ clause, so the first words are spoken before the reply is finished."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
 from opentelemetry import trace
 
+from voicestack.bus import TTS_VOICES_SUBJECT
 from voicestack.config import Settings
 from voicestack.errors import invalid
 from voicestack.stage import Stage, first_message
@@ -62,6 +64,14 @@ class TtsStage(Stage):
 
     def add_to_grpc(self, server) -> None:
         tts_pb2_grpc.add_TtsServiceServicer_to_server(TtsServicer(self), server)
+
+    async def start(self, nc, meters) -> None:
+        await super().start(nc, meters)
+
+        async def list_voices(msg):
+            await msg.respond(json.dumps(sorted(self.voices)).encode())
+
+        await nc.subscribe(TTS_VOICES_SUBJECT, queue="vs.tts", cb=list_voices)
 
     async def _speak(self, clause: str, voice: str, speed: float, first: bool):
         started = time.perf_counter()
