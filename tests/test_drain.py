@@ -38,7 +38,7 @@ def two_stt(tmp_path_factory):
 async def test_sigterm_drains_an_stt_replica_without_losing_a_turn(two_stt, tmp_path):
     stack = two_stt
     edge = stack.processes["edge"].address
-    question = np.concatenate([silence(3000), speak("What is the capital of France? Please tell me now.", tmp_path, speed=110)])
+    question = np.concatenate([silence(3000), speak("Please tell me what the capital city of France is.", tmp_path, speed=120)])
     sessions = [asyncio.create_task(converse(edge, question, timeout=120)) for _ in range(3)]
 
     # Wait until the utterances are being transcribed, then stop a replica that holds one.
