@@ -183,7 +183,6 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 admitted = False
 
         try:
-            key = edge.admission.authenticate(context.invocation_metadata())
             # Read the first message before refusing anything: a call refused while its
             # first message is still on the way reaches the client as INTERNAL, not as
             # the status we chose.
@@ -191,6 +190,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 first = await asyncio.wait_for(anext(aiter(request_iterator), None), FIRST_MESSAGE_SECONDS)
             except asyncio.TimeoutError:
                 raise invalid(f"no SessionConfig within {FIRST_MESSAGE_SECONDS:.0f} s of the call's start") from None
+            key = edge.admission.authenticate(context.invocation_metadata())
             if edge.draining:
                 raise StageError(grpc.StatusCode.UNAVAILABLE, "edge is draining; reconnect to another replica")
             if edge.active >= edge.capacity:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import logging
 import time
 from collections import deque
@@ -46,6 +47,7 @@ RING_MS = 2000  # audio kept while nobody speaks
 MAX_EVENTS_QUEUED = 2000  # a client this far behind is not reading: end its session
 VAD_CHUNK_BYTES = PIPELINE_RATE // 10 * 2  # 100 ms: what a client's largest frame carries
 VAD_EVENT = vad_pb2.VadEventType
+SAME_WORDS_RATIO = 0.8
 
 
 @dataclass
@@ -85,6 +87,13 @@ async def send_audio(stt: StageStream, pcm: bytes, chunk_ms: int = 500) -> None:
 
 def normalized(text: str) -> str:
     return " ".join("".join(c.lower() if c.isalnum() else " " for c in text).split())
+
+
+def same_words(a: str, b: str) -> bool:
+    """Whether a speculative transcript matches the final one: the same words, allowing
+    about one in five to differ (Whisper may hear "of" as "on" with a little more audio)."""
+    a_words, b_words = normalized(a).split(), normalized(b).split()
+    return bool(a_words) and difflib.SequenceMatcher(None, a_words, b_words).ratio() >= SAME_WORDS_RATIO
 
 
 @dataclass
@@ -461,7 +470,7 @@ class Session:
             finalize.set_attribute("voicestack.transcript", text)
         finalize.end()
         spec = u.speculation
-        if (spec and spec.user_text and normalized(spec.user_text) == normalized(text)
+        if (spec and spec.user_text and same_words(spec.user_text, text)
                 and spec.task and not spec.task.done()):
             self.speculative_hits += 1
             spec.metrics.speculative_hit = True
