@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from load import speech as speech_mod
 from load.generator import Plan, run_level
 from load.plot import draw
-from load.stats import jsonable, latency_rows, table
+from load.stats import latency_rows, table, write_json
 from load.system import REPO, machine
 
 CHEAP_ENV = {"VOICESTACK_CHEAP_ENGINES": "1", "VOICESTACK_CAPACITY": "5000"}
@@ -87,8 +86,7 @@ def main(argv=None) -> int:
         "started_at": started, "levels": levels,
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(jsonable(result), indent=1))
+        write_json(args.json, result)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         draw([("cheap engines" if args.cheap else "voicestack", levels)], args.plot)

@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from load.stats import STAGE_METRICS, fmt_ms, jsonable, summarize, summarize_turns, table
+from load.stats import STAGE_METRICS, fmt_ms, summarize, summarize_turns, table, write_json
 from voicestack.audio import PIPELINE_RATE, float_to_pcm16
 from voicestack.config import Settings
 
@@ -314,8 +313,7 @@ def main(argv=None) -> int:
               f"p99 {hop['stream_round_trip_us']['p99']:.0f} us; bare nats.py p50 {hop['bare_nats_round_trip_us']['p50']:.0f} us; "
               f"stream open p50 {hop['open_us']['p50']:.0f} us")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(jsonable(result), indent=1))
+        write_json(args.json, result)
     return 0
 
 

@@ -26,7 +26,7 @@ from load import baseline, capacity
 from load import speech as speech_mod
 from load.generator import Plan, merge_levels, run_level
 from load.plot import draw
-from load.stats import fmt_ms, jsonable, latency_rows, table
+from load.stats import fmt_ms, latency_rows, table, write_json
 from load.system import REPO, loadavg, machine
 
 RESULTS = REPO / "load" / "results"
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
         result["plot"] = str(png.relative_to(REPO)) if png.is_relative_to(REPO) else str(png)
     result["took_s"] = time.monotonic() - began
     result["loadavg_end"] = loadavg()
-    (args.out / "bench.json").write_text(json.dumps(jsonable(result), indent=1, default=str))
+    write_json(args.out / "bench.json", result)
     body = markdown(result)
     print(body)
     if not args.no_markdown:

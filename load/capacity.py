@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from load import speech as speech_mod
 from load.generator import Live, Plan, run_level
-from load.stats import fmt_ms, jsonable, summarize, table
+from load.stats import fmt_ms, summarize, table, write_json
 from load.system import REPO, CpuMeter, nats_varz
 
 CHEAP_ENV = {"VOICESTACK_CHEAP_ENGINES": "1", "VOICESTACK_CAPACITY": "5000"}
@@ -223,8 +222,7 @@ def main(argv=None) -> int:
     print(f"sustained: {result['sustained_sessions']} sessions ({result['stopped']}); "
           f"{result['sessions_per_edge_core']:.0f} sessions per edge core")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(jsonable(result), indent=1))
+        write_json(args.json, result)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import grpc
 import numpy as np
 
 from load.speech import speak
-from load.stats import summarize, table
+from load.stats import summarize, table, write_json
 from voicestack.audio import PIPELINE_RATE, float_to_pcm16
 from voicestack.client import converse, silence
 from voicestack.launcher import Stack
@@ -183,8 +182,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=str(REPO / "build" / "features.json"))
     args = parser.parse_args(argv)
     result = run(args.turns)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(Path(args.json), result)
     print(markdown(result))
     return 0
 

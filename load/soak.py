@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 from load import speech as speech_mod
 from load.__main__ import CHEAP_ENV
 from load.generator import Live, Plan, run_level
-from load.stats import fmt_ms, jsonable, summarize, table
+from load.stats import fmt_ms, summarize, table, write_json
 from load.system import REPO, machine
 
 # Growth allowed after the warm-up: allocator arenas and caches settle in steps of a
@@ -221,8 +220,7 @@ def main(argv=None) -> int:
         "verdict": result,
         "samples": run["samples"],
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(jsonable(out), indent=1))
+    write_json(args.json, out)
     print(f"wrote {args.json}", file=sys.stderr)
     steady = all(v["state"] != "growing" for v in result.values())
     return 0 if steady and ok == len(turns) and not errors else 1

@@ -1,8 +1,10 @@
-"""Percentiles, summaries and tables: pure functions, no I/O (unit-tested)."""
+"""Percentiles, summaries and tables: pure functions (unit-tested), and the one JSON writer."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Iterable, Sequence
 
 # The per-turn latencies the edge reports (TurnMetrics), in the order they happen,
@@ -115,3 +117,10 @@ def jsonable(value):
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return value
+
+
+def write_json(path: Path, result: dict) -> None:
+    """A result as standard JSON (see jsonable), its folder made if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(jsonable(result), indent=1, default=str))

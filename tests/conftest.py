@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,17 @@ def silence(ms: int) -> np.ndarray:
 
 def words(text: str) -> list[str]:
     return "".join(c.lower() if c.isalnum() or c == "'" else " " for c in text).split()
+
+
+def metric(port: int, name: str, **labels) -> float:
+    """The sum of a metric's samples (those with all `labels`) on a service's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 @pytest.fixture(scope="session")

@@ -6,24 +6,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 
-from conftest import silence, speak, words
+from conftest import metric, silence, speak, words
 from voicestack.client import converse
 from voicestack.launcher import Stack
-
-
-def metric(port: int, name: str, **labels) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from conftest import silence, speak, words
+from conftest import metric, silence, speak, words
 from scripted import Script
 from voicestack.audio import PIPELINE_RATE
 from voicestack.client import converse, frames
@@ -47,16 +46,6 @@ LIMITED_KEY = "vs-test-limited-51d2e7a0c9f84b66"
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def metric(port: int, name: str, **labels) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def rss_mb(pid: int) -> float:

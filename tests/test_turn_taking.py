@@ -5,13 +5,11 @@ speculative replies."""
 from __future__ import annotations
 
 import asyncio
-import re
-import urllib.request
 
 import numpy as np
 import pytest
 
-from conftest import silence, speak, words
+from conftest import metric, silence, speak, words
 from voicestack.audio import PIPELINE_RATE
 from scripted import Script
 from voicestack.v1 import audio_pb2, edge_pb2
@@ -24,11 +22,6 @@ def session_config(**kwargs) -> edge_pb2.SessionConfig:
         input_format=audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=PIPELINE_RATE))
     config.MergeFrom(edge_pb2.SessionConfig(**kwargs))
     return config
-
-
-def scrape(port: int, metric: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(m) for m in re.findall(rf"^{metric}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M))
 
 
 async def test_disclosure_is_the_first_thing_heard(edge_address, speech_dir):
@@ -44,8 +37,8 @@ async def test_disclosure_is_the_first_thing_heard(edge_address, speech_dir):
 
 async def test_barge_in_cuts_the_reply_and_the_history(stack, edge_address, speech_dir):
     llm_port, tts_port = stack.processes["llm"].metrics_port, stack.processes["tts"].metrics_port
-    cancelled_before = (scrape(llm_port, "voicestack_streams_cancelled_total"),
-                        scrape(tts_port, "voicestack_streams_cancelled_total"))
+    cancelled_before = (metric(llm_port, "voicestack_streams_cancelled_total"),
+                        metric(tts_port, "voicestack_streams_cancelled_total"))
     question = speak("Tell me a story about a brave dragon.", speech_dir)
     interruption = speak("Stop, stop, I have another question.", speech_dir)
 
@@ -70,8 +63,8 @@ async def test_barge_in_cuts_the_reply_and_the_history(stack, edge_address, spee
     assert "question" in words(second.transcript) and second.reply_text
     assert first.interrupted.barge_in_reaction_ms > 0
     # The stages stopped their work, not only the edge its forwarding.
-    assert scrape(llm_port, "voicestack_streams_cancelled_total") > cancelled_before[0]
-    assert scrape(tts_port, "voicestack_streams_cancelled_total") > cancelled_before[1]
+    assert metric(llm_port, "voicestack_streams_cancelled_total") > cancelled_before[0]
+    assert metric(tts_port, "voicestack_streams_cancelled_total") > cancelled_before[1]
 
 
 async def test_a_short_noise_does_not_interrupt(edge_address, speech_dir):
