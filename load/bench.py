@@ -4,12 +4,14 @@
   2. voicestack end to end on the embedded models, real speech at real-time pace: 1 session,
      alternating with the in-process baseline (the same models called directly, no NATS,
      no gRPC) turn for turn, for the overhead; then a few sessions at once
-  3. edge capacity on cheap engines (VOICESTACK_CHEAP_ENGINES=1)
+  3. edge capacity on cheap engines (VOICESTACK_CHEAP_ENGINES=1): the sweep, and the
+     per-message changes before and after (arms alternating at one level)
+  4. the floor: a bare grpc.aio server reading the same 20 ms frames and doing nothing
 
 Writes load/results/bench.json and load/results/bench.png, and rewrites what lies
 between the markers in BENCHMARKS.md (hand-written text outside them is kept).
 
-  python -m load.bench [--sessions 1,4] [--skip-capacity] [--no-markdown]
+  python -m load.bench [--sessions 1,10] [--skip-capacity] [--no-markdown]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from load import baseline, capacity
+from load import baseline, capacity, grpc_floor
 from load import speech as speech_mod
 from load.generator import Plan, merge_levels, run_level
 from load.plot import draw
@@ -36,9 +38,10 @@ TARGETS = {"added_p50_ms": 5.0, "added_p99_ms": 20.0, "bus_hop_p50_us": 300.0, "
 HEADER = """# Benchmarks
 
 How fast voicestack answers, where each turn's time goes, and how far one edge scales.
-Reproduce with `make bench` (about five minutes on 2 cores); it rewrites everything
+Reproduce with `make bench` (about fifteen minutes on 2 cores); it rewrites everything
 between the markers below and draws `load/results/bench.png`. The tools are in `load/`
-(`python -m load --help`, `python -m load.baseline --help`, `python -m load.capacity --help`).
+(`voicestack-load --help` = `python -m load --help`, `python -m load.baseline --help`,
+`python -m load.capacity --help`, `python -m load.grpc_floor --help`).
 
 Definitions, as the edge measures them (TurnMetrics):
 - **voice-to-voice (v2v)**: from when the audio at the end of the caller's speech reached the
@@ -83,7 +86,10 @@ async def _real(address: str, speech: list, levels: list[int], turns: int, turns
 def run_real(speech: list, levels: list[int], turns: int, turns_many: int, rounds: int):
     from voicestack.launcher import START_ORDER, Stack
 
-    with Stack(ports="free", log_dir=REPO / "build" / "bench-logs") as stack:
+    # Every stage takes every session (the defaults are sized for one replica per core or GPU):
+    # on this machine the extra sessions wait for the CPU inside the stages.
+    env = {"VOICESTACK_CAPACITY": str(max(levels) + 2)}
+    with Stack(ports="free", log_dir=REPO / "build" / "bench-logs", env=env) as stack:
         print("starting the embedded default (real models)...", file=sys.stderr)
         stack.start(START_ORDER)
         return asyncio.run(_real(stack.processes["edge"].address, speech, levels, turns, turns_many, rounds))
@@ -176,6 +182,41 @@ def markdown(result: dict) -> str:
                     f"ms p50: stream opens, the reply's first clause arriving delta by delta, hops over NATS); and "
                     f"endpointing takes {fmt_ms(one['endpointing_ms']['p50'])} ms p50 for {capacity.SILENCE_MS} ms of "
                     "configured silence (the VAD decides on 32 ms windows, and its events cross the bus).", ""]
+    comparison = result.get("per_message")
+    if comparison:
+        arms = {a["arm"]: a for a in comparison["arms"]}
+        before, after = comparison["arms"][0], comparison["arms"][1]
+        out += ["### Per-message work, before and after", "",
+                f"The edge's CPU goes mostly to handling messages: each 20 ms client frame is a gRPC message in, "
+                f"and was a NATS message to the VAD and another to the STT. Changed: the VAD gets whole 32 ms "
+                f"windows (it decides on nothing shorter, so no latency is added), the STT gets 60 ms batches "
+                f"while the user speaks, data messages carry one header and a trace context only inside a turn, "
+                f"and every service runs on uvloop. Cheap engines, {comparison['sessions']} sessions, "
+                f"{comparison['rounds']} runs of each arm alternating (`python -m load.capacity --compare "
+                f"{comparison['sessions']}`); the first arm turns the batching and uvloop off "
+                "(`VOICESTACK_BATCH_STAGE_AUDIO=0 VOICESTACK_UVLOOP=0`).", "",
+                capacity.compare_table(comparison), "",
+                f"Bus messages per session: {before['nats_in_msgs_per_s_per_session']:.0f} -> "
+                f"{after['nats_in_msgs_per_s_per_session']:.0f} a second; edge CPU "
+                f"{before['edge_cpu_ms_per_session_second']:.1f} -> {after['edge_cpu_ms_per_session_second']:.1f} ms per "
+                f"session-second (runs of the same arm differ by up to "
+                f"{max(max(a['edge_cpu_ms_per_session_second_runs']) - min(a['edge_cpu_ms_per_session_second_runs']) for a in arms.values()):.1f} ms "
+                "on this shared machine).", ""]
+    floor = result.get("grpc_floor")
+    if floor:
+        best20 = min((r for r in floor if r["frame_ms"] == 20), key=lambda r: r["cpu_ms_per_session_second"])
+        out += ["### The floor: grpc.aio alone", "",
+                "A bare grpc.aio server with the edge's Converse method and messages reads the same streams of "
+                "frames at real-time pace and does nothing with them (`python -m load.grpc_floor`): no session, no "
+                "NATS. No Python gRPC edge can spend less per frame, so this bounds sessions per core from above.", "",
+                grpc_floor.floor_table(floor), "",
+                f"Reading 20 ms frames costs grpc.aio itself {best20['cpu_ms_per_session_second']:.1f} ms of CPU per "
+                f"session-second here (at most {best20['sessions_per_core_at_most']:.0f} sessions per core); the "
+                f"{TARGETS['sessions_per_edge_core']}-session target needs "
+                f"{1000 / TARGETS['sessions_per_edge_core']:.1f} ms for everything the edge does. Most of gRPC's cost "
+                "is its poller thread waking the event loop for each message (a socket write per wake-up: "
+                "`py-spy --native` on the edge puts a fifth of its CPU there). Larger client frames divide it: "
+                "the protocol takes 10-100 ms frames.", ""]
     if result.get("plot"):
         out += [f"![latency vs sessions, and where the time goes]({result['plot']})", ""]
     return "\n".join(out)
@@ -197,7 +238,7 @@ def rewrite(path: Path, body: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m load.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sessions", default="1,4", help="levels on the real models (default 1,4)")
+    p.add_argument("--sessions", default="1,10", help="levels on the real models (default 1,10)")
     p.add_argument("--turns", type=int, default=3, help="turns per round of the 1-session level (and the baseline)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of voicestack-then-baseline at 1 session")
     p.add_argument("--turns-many", type=int, default=2, help="turns per session of the other levels")
@@ -206,6 +247,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-real", action="store_true")
     p.add_argument("--skip-bus", action="store_true")
     p.add_argument("--skip-capacity", action="store_true")
+    p.add_argument("--compare-sessions", type=int, default=50, help="level of the per-message before/after (0: skip)")
+    p.add_argument("--compare-rounds", type=int, default=2)
+    p.add_argument("--skip-floor", action="store_true")
     p.add_argument("--no-markdown", action="store_true", help="leave BENCHMARKS.md alone")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--render", type=Path, metavar="BENCH_JSON",
@@ -235,6 +279,13 @@ def main(argv=None) -> int:
         result["capacity"] = capacity.run([int(n) for n in args.capacity_levels.split(",")],
                                           budget_s=args.capacity_budget)
         print(capacity.capacity_table(result["capacity"]), file=sys.stderr)
+        if args.compare_sessions:
+            print("per-message work, before and after...", file=sys.stderr)
+            result["per_message"] = capacity.compare(sessions=args.compare_sessions, rounds=args.compare_rounds)
+            print(capacity.compare_table(result["per_message"]), file=sys.stderr)
+    if not args.skip_floor:
+        result["grpc_floor"] = grpc_floor.run(sessions=args.compare_sessions or 50)
+        print(grpc_floor.floor_table(result["grpc_floor"]), file=sys.stderr)
 
     args.out.mkdir(parents=True, exist_ok=True)
     series = [("embedded models", result.get("real") or []), ("cheap engines", (result.get("capacity") or {}).get("levels", []))]

@@ -13,6 +13,7 @@ is more than 10% over its 1-session value (or anything fails). For each level:
                generator), since on a small machine they share the cores with the edge
 
   python -m load.capacity --levels 1,10,25,50 --json build/capacity.json
+  python -m load.capacity --compare 50     # the per-message changes, before and after
 """
 
 from __future__ import annotations
@@ -164,12 +165,12 @@ async def sweep(address: str, pids: dict, monitor_port: int, levels=LEVELS, turn
     }
 
 
-def start_cheap_stack(log_dir: Path):
+def start_cheap_stack(log_dir: Path, env: dict | None = None):
     """nats-server with monitoring, and the five services on cheap engines, on free ports."""
     from voicestack.launcher import START_ORDER, Stack, free_port
 
     monitor_port = free_port()
-    stack = Stack(ports="free", log_dir=log_dir, env=CHEAP_ENV, nats_args=["-m", str(monitor_port)])
+    stack = Stack(ports="free", log_dir=log_dir, env=CHEAP_ENV | (env or {}), nats_args=["-m", str(monitor_port)])
     try:
         stack.start(START_ORDER)
     except BaseException:
@@ -187,6 +188,69 @@ def run(levels=LEVELS, turns: int = 2, budget_s: float = 180.0, log_dir: Path = 
         return asyncio.run(sweep(stack.processes["edge"].address, pids, monitor_port, levels, turns, budget_s, progress))
     finally:
         stack.stop_all()
+
+
+# What the per-message work costs, before and after the changes made for it: the edge and
+# the stages as they were (every 20 ms frame its own bus message to the VAD and to the STT,
+# asyncio's event loop), as they are, and as they are with clients sending 60 ms frames.
+ARMS = (
+    ("before: every frame to each stage, asyncio loop",
+     {"VOICESTACK_BATCH_STAGE_AUDIO": "0", "VOICESTACK_UVLOOP": "0"}, 20),
+    ("after: whole VAD windows, 60 ms STT batches, uvloop", {}, 20),
+    ("after, clients sending 60 ms frames", {}, 60),
+)
+
+
+def compare(arms=ARMS, sessions: int = 50, rounds: int = 2, turns: int = 2,
+            log_dir: Path = REPO / "build" / "capacity-logs", progress: bool = True) -> dict:
+    """The same level under each arm's settings, arms alternating round by round (so other
+    work on the machine falls on all alike); a fresh cheap stack for every run."""
+    runs: dict[str, list] = {name: [] for name, _, _ in arms}
+    speech = speech_mod.sentences()
+    for r in range(rounds):
+        for name, env, frame_ms in arms:
+            stack, pids, monitor_port = start_cheap_stack(log_dir, env)
+            try:
+                plan = Plan(sessions=sessions, turns=turns, ramp_s=min(5.0, 0.05 * sessions), silence_ms=SILENCE_MS,
+                            turn_timeout_s=20.0, frame_ms=frame_ms)
+                level = asyncio.run(_measure(stack.processes["edge"].address, pids, monitor_port, plan, speech, False))
+            finally:
+                stack.stop_all()
+            runs[name].append(level)
+            if progress:
+                res = level["resources"]
+                print(f"  round {r + 1}, {name}: edge {res['edge_cpu_ms_per_session_second']:.1f} ms CPU per "
+                      f"session-second, {res['nats_in_msgs_per_s_per_session']:.0f} NATS msgs in/s a session",
+                      file=sys.stderr)
+    arms_out = []
+    for name, env, frame_ms in arms:
+        levels = runs[name]
+        edge_ms = summarize(lv["resources"]["edge_cpu_ms_per_session_second"] for lv in levels)["p50"]
+        arms_out.append({
+            "arm": name, "env": env, "frame_ms": frame_ms, "runs": len(levels),
+            "edge_cpu_ms_per_session_second": edge_ms,
+            "edge_cpu_ms_per_session_second_runs": [lv["resources"]["edge_cpu_ms_per_session_second"] for lv in levels],
+            "sessions_per_edge_core": 1000 / edge_ms if edge_ms else math.nan,
+            "cores": {n: summarize(lv["resources"]["cores"][n] for lv in levels)["p50"]
+                      for n in levels[0]["resources"]["cores"]},
+            "nats_in_msgs_per_s_per_session": summarize(lv["resources"]["nats_in_msgs_per_s_per_session"]
+                                                        for lv in levels)["p50"],
+            "v2v_p50": summarize(lv["summary"]["voice_to_voice_ms"]["p50"] for lv in levels)["p50"],
+            "v2v_p95": summarize(lv["summary"]["voice_to_voice_ms"]["p95"] for lv in levels)["p50"],
+            "turns_ok": sum(lv["turns_ok"] for lv in levels), "turns_planned": sum(lv["turns_planned"] for lv in levels),
+        })
+    return {"sessions": sessions, "rounds": rounds, "arms": arms_out}
+
+
+def compare_table(result: dict) -> str:
+    rows = [[a["arm"], f"{a['edge_cpu_ms_per_session_second']:.2f}",
+             " / ".join(f"{x:.2f}" for x in a["edge_cpu_ms_per_session_second_runs"]),
+             f"{a['sessions_per_edge_core']:.0f}", f"{a['nats_in_msgs_per_s_per_session']:.0f}",
+             f"{a['cores'].get('vad', math.nan):.2f}", f"{a['cores'].get('nats-server', math.nan):.2f}",
+             fmt_ms(a["v2v_p50"]), fmt_ms(a["v2v_p95"]), f"{a['turns_ok']}/{a['turns_planned']}"]
+            for a in result["arms"]]
+    return table(["", "edge CPU ms per session-s (median)", "each run", "sessions per edge core",
+                  "NATS in msg/s/session", "VAD cores", "nats-server cores", "v2v p50", "v2v p95", "turns ok"], rows)
 
 
 def capacity_table(result: dict) -> str:
@@ -216,7 +280,16 @@ def main(argv=None) -> int:
     p.add_argument("--turns", type=int, default=2)
     p.add_argument("--budget", type=float, default=180.0, help="seconds; no new level starts after this")
     p.add_argument("--json", type=Path)
+    p.add_argument("--compare", type=int, metavar="SESSIONS", help="instead of the sweep: the before/after "
+                   "arms of the per-message work at this many sessions, alternating")
+    p.add_argument("--rounds", type=int, default=2, help="with --compare: runs of each arm")
     args = p.parse_args(argv)
+    if args.compare:
+        result = compare(sessions=args.compare, rounds=args.rounds, turns=args.turns)
+        print(compare_table(result))
+        if args.json:
+            write_json(args.json, result)
+        return 0
     result = run([int(n) for n in args.levels.split(",")], args.turns, args.budget)
     print(capacity_table(result))
     print(f"sustained: {result['sustained_sessions']} sessions ({result['stopped']}); "

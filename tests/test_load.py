@@ -95,3 +95,14 @@ async def test_cheap_engines_keep_the_real_interfaces():
     out = tts.synthesize("Hello there.")
     assert out.dtype == np.int16 and not out.any() and len(out) == int(12 * cheap.SECONDS_PER_CHAR * 24000)
     assert len(tts.synthesize("   ")) == 0
+
+
+def test_grpc_floor_measures_the_servers_cpu_per_frame():
+    """The floor benchmark's server really reads the frames: its CPU grows with the frames sent."""
+    from load import grpc_floor
+
+    few = grpc_floor.measure(sessions=2, frame_ms=20, loop_kind="asyncio", seconds=2.0)
+    many = grpc_floor.measure(sessions=20, frame_ms=20, loop_kind="uvloop", seconds=2.0)
+    assert 0 < few["server_cores"] < many["server_cores"], (few, many)
+    assert many["cpu_us_per_frame"] > 1 and many["sessions_per_core_at_most"] > 1
+    assert "| uvloop" in grpc_floor.floor_table([few, many])

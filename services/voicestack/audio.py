@@ -9,6 +9,7 @@ import numpy as np
 
 SUPPORTED_RATES = (8000, 16000, 24000, 48000)
 PIPELINE_RATE = 16000  # VAD and STT work at 16 kHz
+VAD_WINDOW_SAMPLES = 512  # the VAD decides on 32 ms windows at 16 kHz, nothing shorter
 
 
 def pcm16_to_float(pcm: bytes) -> np.ndarray:

@@ -91,7 +91,9 @@ class _Peer:
         if self.closed:
             return
         self.seq_out += 1
-        headers = {KIND: kind, SEQ: str(self.seq_out)}
+        # Data is most of the traffic (a frame every few tens of ms a session): it carries
+        # only its sequence number, and a trace context only when a span is current.
+        headers = {SEQ: str(self.seq_out)} if kind == DATA else {KIND: kind, SEQ: str(self.seq_out)}
         if extra:
             headers.update(extra)
         telemetry.inject(headers)

@@ -27,6 +27,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
+from voicestack.audio import VAD_WINDOW_SAMPLES
 from voicestack.llm.engine import Delta
 from voicestack.vad.engine import CONTEXT_SAMPLES, VadStream
 
@@ -43,7 +44,7 @@ class EnergyVad:
     only the per-frame speech probability is replaced: 1.0 when the frame is loud.
     """
 
-    FRAME_SAMPLES = 512  # VadStream cuts 32 ms frames, as for Silero
+    FRAME_SAMPLES = VAD_WINDOW_SAMPLES  # VadStream cuts the same windows as for Silero
 
     def __init__(self, threshold: float = ENERGY_THRESHOLD):
         self.threshold = threshold

@@ -32,7 +32,7 @@ def cmd_serve(args) -> int:
 
     settings = load_settings(args.service, flag_overrides(args))
     service = build_service(args.service, settings)
-    asyncio.run(runtime.serve(service, settings))
+    runtime.run(service, settings)
     return 0
 
 

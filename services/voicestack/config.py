@@ -78,6 +78,15 @@ class Settings:
     # Edge: agent audio is sent at most this far ahead of the client's playback,
     # so an interruption has little audio to take back.
     audio_lead_ms: int = 300
+    # Edge: audio goes to the stages in fewer, larger bus messages (the per-message cost,
+    # not the bytes, limits sessions per edge core; see BENCHMARKS.md). The VAD gets whole
+    # 32 ms windows, the only unit it decides on, so that costs no latency; the STT gets
+    # `stt_batch_ms` at a time while the user speaks (0: every client frame), which can
+    # start its decode at a pause up to that much later. Off = every frame to each.
+    batch_stage_audio: bool = True
+    stt_batch_ms: int = 60
+    # Every service's event loop runs on uvloop (less CPU per message); off = asyncio's own.
+    uvloop: bool = True
     # Edge only: file of sha256 hex digests of accepted API keys, one a line ("" = no auth).
     api_keys_file: str = ""
     # Put transcript and reply text into trace spans (off: traces carry timings, not words).

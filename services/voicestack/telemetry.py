@@ -23,8 +23,10 @@ LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75
 
 
 def inject(headers: dict) -> None:
-    """Add the current trace context (traceparent) to NATS headers or gRPC metadata."""
-    propagate.inject(headers)
+    """Add the current trace context (traceparent) to NATS headers or gRPC metadata.
+    Nothing when no span is current: the propagators cost more than the message."""
+    if trace.get_current_span().get_span_context().is_valid:
+        propagate.inject(headers)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from voicestack.audio import PIPELINE_RATE, float_to_pcm16, pcm16_to_float, resample
+from voicestack.audio import PIPELINE_RATE, VAD_WINDOW_SAMPLES, float_to_pcm16, pcm16_to_float, resample
 from opentelemetry import trace
 from opentelemetry.trace import Link, StatusCode
 
@@ -46,6 +46,7 @@ PRE_ROLL_MS = 200  # audio before the VAD's speech start, so first phonemes are 
 RING_MS = 2000  # audio kept while nobody speaks
 MAX_EVENTS_QUEUED = 2000  # a client this far behind is not reading: end its session
 VAD_CHUNK_BYTES = PIPELINE_RATE // 10 * 2  # 100 ms: what a client's largest frame carries
+VAD_WINDOW_BYTES = VAD_WINDOW_SAMPLES * 2
 VAD_EVENT = vad_pb2.VadEventType
 SAME_WORDS_RATIO = 0.8
 
@@ -191,6 +192,8 @@ class Session:
         self.arrivals: deque = deque(maxlen=4000)  # (audio end ms, wall time)
         self.vad: StageStream | None = None
         self.vad_base_ms = 0
+        self.vad_pending = bytearray()  # audio short of a whole VAD window, not yet sent
+        self.stt_batch_ms = settings.stt_batch_ms if settings.batch_stage_audio else 0
         self.input_finished = False
         self.failure: StageError | None = None
         # Each turn is its own trace; this short span links them to the session.
@@ -286,6 +289,7 @@ class Session:
                     pcm=pcm[offset: offset + VAD_CHUNK_BYTES], sample_rate_hz=PIPELINE_RATE)))
             sent = end
         self.vad, self.vad_base_ms = vad, start
+        self.vad_pending.clear()  # (sent above)
 
     async def start(self) -> None:
         await self._open_vad()
@@ -301,6 +305,9 @@ class Session:
     async def finish_input(self) -> None:
         """The client closed its side: finish the turn in progress, then end."""
         self.input_finished = True
+        if self.vad_pending:
+            await self._send_vad(bytes(self.vad_pending), self.utterance)
+            self.vad_pending.clear()
         await self.vad.end()
 
     async def close(self) -> None:
@@ -322,21 +329,33 @@ class Session:
         self.audio += pcm
         self.arrivals.append((self.audio_ms, time.monotonic()))
         u = self.utterance
-        with telemetry.in_span(u.span if u else None):  # the VAD's decisions join the turn's trace
-            await self.vad.send(vad_pb2.DetectRequest(audio=audio_pb2.AudioChunk(pcm=pcm, sample_rate_hz=PIPELINE_RATE)))
+        if self.settings.batch_stage_audio:
+            # Whole windows only: the VAD would hold a partial one until the rest came anyway.
+            self.vad_pending += pcm
+            whole = len(self.vad_pending) // VAD_WINDOW_BYTES * VAD_WINDOW_BYTES
+            if whole:
+                await self._send_vad(bytes(self.vad_pending[:whole]), u)
+                del self.vad_pending[:whole]
+        else:
+            await self._send_vad(pcm, u)
         if u is None:
             excess = len(self.audio) - RING_MS * PIPELINE_RATE // 1000 * 2
             if excess > 0:
                 del self.audio[:excess]
                 self.audio_base_ms += excess // 2 * 1000 // PIPELINE_RATE
             return
-        await self._feed_stt(u)
+        if self.audio_ms - u.sent_to_stt_ms >= self.stt_batch_ms:
+            await self._feed_stt(u)
         if u.over_agent:
             await self._maybe_barge_in(u)
         if self.audio_ms - u.start_ms > self.turn_taking.max_utterance_ms:
             # A monologue is cut into turns: this part is heard now, answered at the end.
             await self._end_utterance(self.audio_ms, reply=False)
             await self._start_utterance(self.audio_ms)
+
+    async def _send_vad(self, pcm: bytes, u: Utterance | None) -> None:
+        with telemetry.in_span(u.span if u else None):  # the VAD's decisions join the turn's trace
+            await self.vad.send(vad_pb2.DetectRequest(audio=audio_pb2.AudioChunk(pcm=pcm, sample_rate_hz=PIPELINE_RATE)))
 
     async def _feed_stt(self, u: Utterance) -> None:
         pcm = self.audio_between(u.sent_to_stt_ms)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from voicestack import models
+from voicestack.audio import VAD_WINDOW_SAMPLES
 
 SAMPLE_RATE = 16000
 CONTEXT_SAMPLES = 64  # Silero v6 sees the tail of the previous frame in front of each new one
@@ -36,7 +37,7 @@ def _ms(samples: int) -> int:
 class SileroVad:
     """The model: one per process, shared by streams (InferenceSession.run is thread-safe)."""
 
-    FRAME_SAMPLES = 512  # at 16 kHz = 32 ms
+    FRAME_SAMPLES = VAD_WINDOW_SAMPLES
 
     def __init__(self, threads: int = 1):
         import onnxruntime  # imported here so the package imports without the models extra
