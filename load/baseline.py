@@ -6,7 +6,13 @@ load-generator session:
             endpointing = from the frame holding the end of speech to the frame on
             which the VAD decided it ended (its silence wait), plus that frame's compute
   STT       Whisper on the utterance as the edge sends it (200 ms pre-roll through
-            the deciding frame), at end of speech
+            the deciding frame), with the STT stage's own rule for when to decode
+            (stt/server.py: at a 200 ms pause in speech, and every 0.8 s of new audio for
+            interim results): the decodes run here one after another, and each is placed
+            on the audio's clock (audio time = wall time for a caller at real-time pace),
+            so a decode started at a pause has the rest of the silence wait to finish in.
+            The final transcript is ready when the decode covering the last speech is,
+            or, if none does, after a decode of the whole utterance at the end.
   LLM       SmolLM2 on the same history (system prompt, earlier turns) to the first
             token, and on to the first clause the TTS stage would speak
   TTS       Kokoro on that first clause (split as tts/server.py splits it)
@@ -86,7 +92,7 @@ async def run_turns(engines: Engines, speech: list, turns: int, session: int = 0
         pcm = float_to_pcm16(np.concatenate([lead, speech_audio, tail]))
         turn_pcm = bytearray()
         base_ms = audio_ms
-        started_ms = ended = None
+        started_ms = started_decided_ms = ended = None
         vad_ms = 0.0
         for frame in _frames(pcm):
             turn_pcm += frame
@@ -96,7 +102,7 @@ async def run_turns(engines: Engines, speech: list, turns: int, session: int = 0
             spent = (time.perf_counter() - t0) * 1000
             for event in events:
                 if event.type == STARTED and started_ms is None:
-                    started_ms = event.offset_ms
+                    started_ms, started_decided_ms = event.offset_ms, event.decided_at_ms
                 elif event.type == ENDED and started_ms is not None and ended is None:
                     ended, vad_ms = event, spent
             if ended:
@@ -112,10 +118,9 @@ async def run_turns(engines: Engines, speech: list, turns: int, session: int = 0
         endpointing = arrived(ended.decided_at_ms) - arrived(ended.offset_ms) + vad_ms
         start = max(base_ms, started_ms - PRE_ROLL_MS)
         utterance = bytes(turn_pcm[(start - base_ms) * PIPELINE_RATE // 1000 * 2:])
-        t0 = time.perf_counter()
-        transcript = await asyncio.to_thread(engines.stt.transcribe,
-                                             np.frombuffer(utterance, "<i2").astype(np.float32) / 32768.0)
-        stt_ms = (time.perf_counter() - t0) * 1000
+        transcript, stt_ms = await stt_as_the_stage_decodes(
+            engines, utterance, opened_ms=arrived(started_decided_ms) - start, decided_ms=arrived(ended.decided_at_ms) - start,
+            pause_decode=settings.stt_pause_decode, batch_ms=settings.stt_batch_ms if settings.batch_stage_audio else FRAME_MS)
 
         history.append({"role": "user", "content": transcript})
         t0 = time.perf_counter()
@@ -151,6 +156,52 @@ async def run_turns(engines: Engines, speech: list, turns: int, session: int = 0
         if progress:
             progress(record)
     return records
+
+
+async def stt_as_the_stage_decodes(engines: Engines, utterance: bytes, opened_ms: int, decided_ms: int,
+                                   pause_decode: bool = True, batch_ms: int = 60) -> tuple[str, float]:
+    """(final transcript, ms from the endpointing decision to it) for an utterance fed to the
+    STT stage as the edge feeds it: everything up to `opened_ms` (the VAD's speech start,
+    when the edge opens the stream) at once, then `batch_ms` at a time until `decided_ms`
+    (the end-of-turn decision). Decodes follow stt/server.py's rule and are placed on the
+    audio's clock; nothing here runs in parallel, so this is the stage's algorithm without
+    the bus, the processes or competing work."""
+    from voicestack.stt.server import INTERIM_EVERY_SECONDS, PAUSE_BYTES, QUIET_FRACTION, SILENCE_FLOOR, rms
+
+    def to_float(pcm: bytes) -> np.ndarray:
+        return np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0
+
+    async def decode(pcm: bytes) -> tuple[str, float]:
+        t0 = time.perf_counter()
+        text = await asyncio.to_thread(engines.stt.transcribe, to_float(pcm))
+        return text, (time.perf_counter() - t0) * 1000
+
+    bytes_per_ms = PIPELINE_RATE * 2 // 1000
+    cuts = [min(opened_ms, decided_ms)]
+    while cuts[-1] < decided_ms:
+        cuts.append(min(cuts[-1] + batch_ms, decided_ms))
+    audio = b""
+    speech_end = 0
+    loudest = 0.0
+    last = None  # (covers bytes, done at audio ms, text) of the latest decode
+    for cut in cuts:
+        chunk = utterance[len(audio): cut * bytes_per_ms]
+        audio += chunk
+        level = rms(chunk)
+        loudest = max(loudest, level)
+        if level > max(SILENCE_FLOOR, QUIET_FRACTION * loudest):
+            speech_end = len(audio)
+        if last is None or last[1] <= cut:  # no decode in flight
+            decoded = last[0] if last else 0
+            paused = pause_decode and speech_end > decoded and len(audio) - speech_end >= PAUSE_BYTES
+            due = len(audio) - decoded >= INTERIM_EVERY_SECONDS * PIPELINE_RATE * 2
+            if paused or due:
+                text, spent = await decode(audio)
+                last = (len(audio), cut + spent, text)
+    if pause_decode and last is not None and last[0] >= speech_end:
+        # Done before the decision: ready at once (1 µs: 0 means "not measured" in these records).
+        return last[2], max(0.001, last[1] - decided_ms)
+    return await decode(audio)
 
 
 def overhead(voicestack_turns: list[dict], baseline_turns: list[dict]) -> dict:

@@ -6,8 +6,9 @@ A stage stream is opened, fed, drained and closed like a gRPC stream:
           queue group, so exactly one answers) or "vs.<stage>.open.<replica>"
           (affinity). The answer names the stream's private subject.
   data    opener -> "vs.<stage>.s.<replica>.<stream>"; stage -> the opener's
-          reply subject. Payloads are the stage's own protobuf messages; kind,
-          sequence number and W3C trace context travel in NATS headers.
+          reply subject. Payloads are the stage's own protobuf messages; the
+          sequence number, the kind (absent on data, most of the traffic) and the
+          W3C trace context (only while a span is current) travel in NATS headers.
   liveness both ends send a heartbeat when they have sent nothing for a while;
           a peer silent for `peer_timeout` seconds is dead.
   loss    core NATS is at-most-once: across a server restart or a cluster node loss

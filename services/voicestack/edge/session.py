@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 PRE_ROLL_MS = 200  # audio before the VAD's speech start, so first phonemes are not clipped
 RING_MS = 2000  # audio kept while nobody speaks
+RING_TRIM_BYTES = PIPELINE_RATE * 2  # ... give or take a second
 MAX_EVENTS_QUEUED = 2000  # a client this far behind is not reading: end its session
 VAD_CHUNK_BYTES = PIPELINE_RATE // 10 * 2  # 100 ms: what a client's largest frame carries
 VAD_WINDOW_BYTES = VAD_WINDOW_SAMPLES * 2
@@ -340,7 +341,8 @@ class Session:
             await self._send_vad(pcm, u)
         if u is None:
             excess = len(self.audio) - RING_MS * PIPELINE_RATE // 1000 * 2
-            if excess > 0:
+            if excess >= RING_TRIM_BYTES:  # in steps: moving the buffer every frame costs more than the frame
+                excess -= excess % (PIPELINE_RATE // 1000 * 2)  # whole milliseconds, so audio_base_ms stays exact
                 del self.audio[:excess]
                 self.audio_base_ms += excess // 2 * 1000 // PIPELINE_RATE
             return
