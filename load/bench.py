@@ -7,6 +7,8 @@
   3. edge capacity on cheap engines (VOICESTACK_CHEAP_ENGINES=1): the sweep, and the
      per-message changes before and after (arms alternating at one level)
   4. the floor: a bare grpc.aio server reading the same 20 ms frames and doing nothing
+  5. STT finalization and TTS first audio before and after (load/features.py: the STT and
+     TTS stages restarted with pause decoding / clause splitting off, then on)
 
 Writes load/results/bench.json and load/results/bench.png, and rewrites what lies
 between the markers in BENCHMARKS.md (hand-written text outside them is kept).
@@ -24,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from load import baseline, capacity, grpc_floor
+from load import baseline, capacity, features, grpc_floor
 from load import speech as speech_mod
 from load.generator import Plan, merge_levels, run_level
 from load.plot import draw
@@ -243,6 +245,16 @@ def markdown(result: dict) -> str:
                 "is its poller thread waking the event loop for each message (a socket write per wake-up: "
                 "`py-spy --native` on the edge puts a fifth of its CPU there). Larger client frames divide it: "
                 "the protocol takes 10-100 ms frames.", ""]
+    feats = result.get("features")
+    if feats:
+        out += ["### STT finalization and TTS first audio, before and after", "",
+                "Real models, each stage's own gRPC API at real-time pace (`python -m load.features --parts stt,tts`): "
+                "STT finalization is the end of the audio (600 ms of trailing silence, as the edge's endpointing "
+                "would send) to the final transcript, with decoding only at the end (`stt_pause_decode=false`, "
+                "before) and at speech pauses (after); TTS first audio is the first word in (the reply arriving "
+                "word by word at ~100 words a second, as from the LLM) to the first audio out, waiting for the "
+                "whole sentence (`tts_split=sentence`, before) or speaking the first clause (after).", "",
+                features.markdown(feats), ""]
     if result.get("plot"):
         out += [f"![latency vs sessions, and where the time goes]({result['plot']})", ""]
     return "\n".join(out)
@@ -276,6 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--compare-sessions", type=int, default=50, help="level of the per-message before/after (0: skip)")
     p.add_argument("--compare-rounds", type=int, default=2)
     p.add_argument("--skip-floor", action="store_true")
+    p.add_argument("--skip-features", action="store_true")
+    p.add_argument("--features-turns", type=int, default=3)
     p.add_argument("--no-markdown", action="store_true", help="leave BENCHMARKS.md alone")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--render", type=Path, metavar="BENCH_JSON",
@@ -312,6 +326,11 @@ def main(argv=None) -> int:
     if not args.skip_floor:
         result["grpc_floor"] = grpc_floor.run(sessions=args.compare_sessions or 50)
         print(grpc_floor.floor_table(result["grpc_floor"]), file=sys.stderr)
+
+    if not args.skip_features:
+        print("STT finalization and TTS first audio, before and after...", file=sys.stderr)
+        result["features"] = features.run(args.features_turns, parts=("stt", "tts"))
+        print(features.markdown(result["features"]), file=sys.stderr)
 
     args.out.mkdir(parents=True, exist_ok=True)
     series = [("embedded models", result.get("real") or []), ("cheap engines", (result.get("capacity") or {}).get("levels", []))]

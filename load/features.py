@@ -128,25 +128,32 @@ def restart(stack: Stack, service: str, **settings) -> str:
     return process.address
 
 
-async def measure(stack: Stack, turns: int) -> dict:
+PARTS = ("speculation", "barge_in", "stt", "tts")
+
+
+async def measure(stack: Stack, turns: int, parts=PARTS) -> dict:
     edge, stt, tts = (stack.processes[n].address for n in ("edge", "stt", "tts"))
     result = {}
-    log("speculative replies off/on ...")
-    result["speculation"] = await speculation(edge, turns)
-    log("barge-in ...")
-    result["barge_in"] = summarize(await barge_in(edge, max(2, turns // 2)))
-    log("STT finalization: pause decode on ...")
-    on = await stt_finalization(stt, turns)
-    stt = restart(stack, "stt", stt_pause_decode="false")
-    log("STT finalization: pause decode off ...")
-    off = await stt_finalization(stt, turns)
-    result["stt_final"] = {"pause_decode_off": summarize(off), "pause_decode_on": summarize(on)}
-    log("TTS first audio: clause ...")
-    clause = await tts_first_audio(tts, turns)
-    tts = restart(stack, "tts", tts_split="sentence")
-    log("TTS first audio: sentence ...")
-    sentence = await tts_first_audio(tts, turns)
-    result["tts_first_audio"] = {"sentence": summarize(sentence), "clause": summarize(clause)}
+    if "speculation" in parts:
+        log("speculative replies off/on ...")
+        result["speculation"] = await speculation(edge, turns)
+    if "barge_in" in parts:
+        log("barge-in ...")
+        result["barge_in"] = summarize(await barge_in(edge, max(2, turns // 2)))
+    if "stt" in parts:
+        log("STT finalization: pause decode on ...")
+        on = await stt_finalization(stt, turns)
+        stt = restart(stack, "stt", stt_pause_decode="false")
+        log("STT finalization: pause decode off ...")
+        off = await stt_finalization(stt, turns)
+        result["stt_final"] = {"pause_decode_off": summarize(off), "pause_decode_on": summarize(on)}
+    if "tts" in parts:
+        log("TTS first audio: clause ...")
+        clause = await tts_first_audio(tts, turns)
+        tts = restart(stack, "tts", tts_split="sentence")
+        log("TTS first audio: sentence ...")
+        sentence = await tts_first_audio(tts, turns)
+        result["tts_first_audio"] = {"sentence": summarize(sentence), "clause": summarize(clause)}
     return result
 
 
@@ -155,33 +162,40 @@ def markdown(result: dict) -> str:
         value = summary.get(key, float("nan"))
         return f"{value:.0f}" if value == value else "-"
 
-    spec = result["speculation"]
-    rows = [
-        ["voice-to-voice, speculation off", ms(spec["off"]["voice_to_voice"]), ms(spec["off"]["voice_to_voice"], "p95"), spec["off"]["turns"]],
-        ["voice-to-voice, speculation on", ms(spec["on"]["voice_to_voice"]), ms(spec["on"]["voice_to_voice"], "p95"),
-         f'{spec["on"]["turns"]} ({spec["on"]["hits"]} hits)'],
-        ["barge-in reaction (speech start -> agent audio stopped)", ms(result["barge_in"]), ms(result["barge_in"], "p95"), result["barge_in"].get("n", 0)],
-        ["STT finalization, decode at end only (before)", ms(result["stt_final"]["pause_decode_off"]), ms(result["stt_final"]["pause_decode_off"], "p95"), result["stt_final"]["pause_decode_off"].get("n", 0)],
-        ["STT finalization, decode at speech pauses (after)", ms(result["stt_final"]["pause_decode_on"]), ms(result["stt_final"]["pause_decode_on"], "p95"), result["stt_final"]["pause_decode_on"].get("n", 0)],
-        ["TTS first audio, whole sentence (before)", ms(result["tts_first_audio"]["sentence"]), ms(result["tts_first_audio"]["sentence"], "p95"), result["tts_first_audio"]["sentence"].get("n", 0)],
-        ["TTS first audio, first clause (after)", ms(result["tts_first_audio"]["clause"]), ms(result["tts_first_audio"]["clause"], "p95"), result["tts_first_audio"]["clause"].get("n", 0)],
-    ]
+    def row(label, summary, n=None):
+        return [label, ms(summary), ms(summary, "p95"), summary.get("n", 0) if n is None else n]
+
+    rows = []
+    spec = result.get("speculation")
+    if spec:
+        rows += [row("voice-to-voice, speculation off", spec["off"]["voice_to_voice"], spec["off"]["turns"]),
+                 row("voice-to-voice, speculation on", spec["on"]["voice_to_voice"],
+                     f'{spec["on"]["turns"]} ({spec["on"]["hits"]} hits)')]
+    if "barge_in" in result:
+        rows.append(row("barge-in reaction (speech start -> agent audio stopped)", result["barge_in"]))
+    if "stt_final" in result:
+        rows += [row("STT finalization, decode at end only (before)", result["stt_final"]["pause_decode_off"]),
+                 row("STT finalization, decode at speech pauses (after)", result["stt_final"]["pause_decode_on"])]
+    if "tts_first_audio" in result:
+        rows += [row("TTS first audio, whole sentence (before)", result["tts_first_audio"]["sentence"]),
+                 row("TTS first audio, first clause (after)", result["tts_first_audio"]["clause"])]
     return table(["measurement", "p50 ms", "p95 ms", "n"], rows)
 
 
-def run(turns: int = 5, log_dir: Path = REPO / "build" / "features-logs") -> dict:
+def run(turns: int = 5, log_dir: Path = REPO / "build" / "features-logs", parts=PARTS) -> dict:
     # The disclosure is off here only so each measured session starts with the question.
     with Stack(ports="free", log_dir=log_dir, env={"VOICESTACK_DISCLOSURE": "false"}) as stack:
         stack.start()
-        return asyncio.run(measure(stack, turns))
+        return asyncio.run(measure(stack, turns, parts))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"some of {','.join(PARTS)}")
     parser.add_argument("--json", default=str(REPO / "build" / "features.json"))
     args = parser.parse_args(argv)
-    result = run(args.turns)
+    result = run(args.turns, parts=[part for part in args.parts.split(",") if part])
     write_json(Path(args.json), result)
     print(markdown(result))
     return 0

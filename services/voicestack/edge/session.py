@@ -341,7 +341,7 @@ class Session:
             await self._send_vad(pcm, u)
         if u is None:
             excess = len(self.audio) - RING_MS * PIPELINE_RATE // 1000 * 2
-            if excess >= RING_TRIM_BYTES:  # in steps: moving the buffer every frame costs more than the frame
+            if excess >= RING_TRIM_BYTES:  # in steps, not a 64 kB move for every frame
                 excess -= excess % (PIPELINE_RATE // 1000 * 2)  # whole milliseconds, so audio_base_ms stays exact
                 del self.audio[:excess]
                 self.audio_base_ms += excess // 2 * 1000 // PIPELINE_RATE
