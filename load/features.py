@@ -131,8 +131,18 @@ def restart(stack: Stack, service: str, **settings) -> str:
 PARTS = ("speculation", "barge_in", "stt", "tts")
 
 
+async def with_and_without(stack: Stack, service: str, timed, turns: int, **before) -> tuple[dict, dict]:
+    """(before, after) summaries of `timed(address, turns)`: the stage as it runs now (the
+    feature on, after), then restarted with the `before` settings (the feature off)."""
+    log(f"{timed.__name__}: as configured ...")
+    after = await timed(stack.processes[service].address, turns)
+    address = restart(stack, service, **before)
+    log(f"{timed.__name__}: with {before} ...")
+    return summarize(await timed(address, turns)), summarize(after)
+
+
 async def measure(stack: Stack, turns: int, parts=PARTS) -> dict:
-    edge, stt, tts = (stack.processes[n].address for n in ("edge", "stt", "tts"))
+    edge = stack.processes["edge"].address
     result = {}
     if "speculation" in parts:
         log("speculative replies off/on ...")
@@ -141,19 +151,11 @@ async def measure(stack: Stack, turns: int, parts=PARTS) -> dict:
         log("barge-in ...")
         result["barge_in"] = summarize(await barge_in(edge, max(2, turns // 2)))
     if "stt" in parts:
-        log("STT finalization: pause decode on ...")
-        on = await stt_finalization(stt, turns)
-        stt = restart(stack, "stt", stt_pause_decode="false")
-        log("STT finalization: pause decode off ...")
-        off = await stt_finalization(stt, turns)
-        result["stt_final"] = {"pause_decode_off": summarize(off), "pause_decode_on": summarize(on)}
+        off, on = await with_and_without(stack, "stt", stt_finalization, turns, stt_pause_decode="false")
+        result["stt_final"] = {"pause_decode_off": off, "pause_decode_on": on}
     if "tts" in parts:
-        log("TTS first audio: clause ...")
-        clause = await tts_first_audio(tts, turns)
-        tts = restart(stack, "tts", tts_split="sentence")
-        log("TTS first audio: sentence ...")
-        sentence = await tts_first_audio(tts, turns)
-        result["tts_first_audio"] = {"sentence": summarize(sentence), "clause": summarize(clause)}
+        sentence, clause = await with_and_without(stack, "tts", tts_first_audio, turns, tts_split="sentence")
+        result["tts_first_audio"] = {"sentence": sentence, "clause": clause}
     return result
 
 
