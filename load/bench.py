@@ -219,10 +219,10 @@ def markdown(result: dict) -> str:
                 f"and was a NATS message to the VAD and another to the STT. Changed: the VAD gets whole 32 ms "
                 f"windows (it decides on nothing shorter, so no latency is added), the STT gets 60 ms batches "
                 f"while the user speaks, data messages carry one header and a trace context only inside a turn, "
-                f"and every service runs on uvloop. Cheap engines, {comparison['sessions']} sessions, "
-                f"{comparison['rounds']} runs of each arm alternating (`python -m load.capacity --compare "
-                f"{comparison['sessions']}`); the first arm turns the batching and uvloop off "
-                "(`VOICESTACK_BATCH_STAGE_AUDIO=0 VOICESTACK_UVLOOP=0`).", "",
+                f"and the \"after\" arms run every service on uvloop (`VOICESTACK_UVLOOP=1`). Cheap engines, "
+                f"{comparison['sessions']} sessions, {comparison['rounds']} runs of each arm alternating "
+                f"(`python -m load.capacity --compare {comparison['sessions']}`); the first arm turns the batching "
+                "off and runs asyncio's loop (`VOICESTACK_BATCH_STAGE_AUDIO=0 VOICESTACK_UVLOOP=0`).", "",
                 capacity.compare_table(comparison), "",
                 f"Bus messages per session: {before['nats_in_msgs_per_s_per_session']:.0f} -> "
                 f"{after['nats_in_msgs_per_s_per_session']:.0f} a second; edge CPU "

@@ -196,8 +196,8 @@ def run(levels=LEVELS, turns: int = 2, budget_s: float = 180.0, log_dir: Path = 
 ARMS = (
     ("before: every frame to each stage, asyncio loop",
      {"VOICESTACK_BATCH_STAGE_AUDIO": "0", "VOICESTACK_UVLOOP": "0"}, 20),
-    ("after: whole VAD windows, 60 ms STT batches, uvloop", {}, 20),
-    ("after, clients sending 60 ms frames", {}, 60),
+    ("after: whole VAD windows, 60 ms STT batches, uvloop", {"VOICESTACK_UVLOOP": "1"}, 20),
+    ("after, clients sending 60 ms frames", {"VOICESTACK_UVLOOP": "1"}, 60),
 )
 
 

@@ -85,8 +85,10 @@ class Settings:
     # start its decode at a pause up to that much later. Off = every frame to each.
     batch_stage_audio: bool = True
     stt_batch_ms: int = 60
-    # Every service's event loop runs on uvloop (less CPU per message); off = asyncio's own.
-    uvloop: bool = True
+    # Run the service's event loop on uvloop instead of asyncio's own. Off by default: its
+    # gain here was within noise (BENCHMARKS.md), and one run of the slow-client test saw a
+    # gRPC status arrive as INTERNAL with it on, not yet explained.
+    uvloop: bool = False
     # Edge only: file of sha256 hex digests of accepted API keys, one a line ("" = no auth).
     api_keys_file: str = ""
     # Put transcript and reply text into trace spans (off: traces carry timings, not words).

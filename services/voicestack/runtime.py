@@ -80,7 +80,7 @@ def grpc_credentials(settings: Settings):
 def run(service, settings: Settings) -> None:
     """Run `service` until it has drained: the process's event loop starts here."""
     if settings.uvloop:
-        import uvloop  # NATS socket writes drop out of the edge's profile (BENCHMARKS.md)
+        import uvloop  # (settings.uvloop: see config.py)
 
         uvloop.run(serve(service, settings))
     else:
