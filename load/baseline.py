@@ -166,39 +166,28 @@ async def stt_as_the_stage_decodes(engines: Engines, utterance: bytes, opened_ms
     (the end-of-turn decision). Decodes follow stt/server.py's rule and are placed on the
     audio's clock; nothing here runs in parallel, so this is the stage's algorithm without
     the bus, the processes or competing work."""
-    from voicestack.stt.server import INTERIM_EVERY_SECONDS, PAUSE_BYTES, QUIET_FRACTION, SILENCE_FLOOR, rms
-
-    def to_float(pcm: bytes) -> np.ndarray:
-        return np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0
+    from voicestack.stt.server import DecodeSchedule
 
     async def decode(pcm: bytes) -> tuple[str, float]:
         t0 = time.perf_counter()
-        text = await asyncio.to_thread(engines.stt.transcribe, to_float(pcm))
+        text = await asyncio.to_thread(engines.stt.transcribe, np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0)
         return text, (time.perf_counter() - t0) * 1000
 
     bytes_per_ms = PIPELINE_RATE * 2 // 1000
     cuts = [min(opened_ms, decided_ms)]
     while cuts[-1] < decided_ms:
         cuts.append(min(cuts[-1] + batch_ms, decided_ms))
+    schedule = DecodeSchedule(pause_decode, interim=True)  # the edge asks for interim results
     audio = b""
-    speech_end = 0
-    loudest = 0.0
     last = None  # (covers bytes, done at audio ms, text) of the latest decode
     for cut in cuts:
         chunk = utterance[len(audio): cut * bytes_per_ms]
         audio += chunk
-        level = rms(chunk)
-        loudest = max(loudest, level)
-        if level > max(SILENCE_FLOOR, QUIET_FRACTION * loudest):
-            speech_end = len(audio)
-        if last is None or last[1] <= cut:  # no decode in flight
-            decoded = last[0] if last else 0
-            paused = pause_decode and speech_end > decoded and len(audio) - speech_end >= PAUSE_BYTES
-            due = len(audio) - decoded >= INTERIM_EVERY_SECONDS * PIPELINE_RATE * 2
-            if paused or due:
-                text, spent = await decode(audio)
-                last = (len(audio), cut + spent, text)
-    if pause_decode and last is not None and last[0] >= speech_end:
+        schedule.add(chunk)
+        if (last is None or last[1] <= cut) and schedule.due(last[0] if last else 0):  # none in flight
+            text, spent = await decode(audio)
+            last = (len(audio), cut + spent, text)
+    if last is not None and schedule.final(last[0]):
         # Done before the decision: ready at once (1 µs: 0 means "not measured" in these records).
         return last[2], max(0.001, last[1] - decided_ms)
     return await decode(audio)

@@ -85,7 +85,9 @@ async def _real(address: str, speech: list, levels: list[int], turns: int, turns
     return results, base, merge_levels(ones)
 
 
-def run_real(speech: list, levels: list[int], turns: int, turns_many: int, rounds: int):
+def run_real(speech: list, levels: list[int], turns: int, turns_many: int, rounds: int, feature_turns: int = 0):
+    """The real-model levels and overhead, then (with feature_turns) the STT and TTS before/after
+    on the same stack, last, since it restarts those two stages with their features off."""
     from voicestack.launcher import START_ORDER, Stack
 
     # Every stage takes every session (the defaults are sized for one replica per core or GPU):
@@ -94,7 +96,11 @@ def run_real(speech: list, levels: list[int], turns: int, turns_many: int, round
     with Stack(ports="free", log_dir=REPO / "build" / "bench-logs", env=env) as stack:
         print("starting the embedded default (real models)...", file=sys.stderr)
         stack.start(START_ORDER)
-        return asyncio.run(_real(stack.processes["edge"].address, speech, levels, turns, turns_many, rounds))
+        real = asyncio.run(_real(stack.processes["edge"].address, speech, levels, turns, turns_many, rounds))
+        if not feature_turns:
+            return real, None
+        print("STT finalization and TTS first audio, before and after...", file=sys.stderr)
+        return real, asyncio.run(features.measure(stack, feature_turns, parts=("stt", "tts")))
 
 
 def sustainable_real(levels: list[dict]) -> str:
@@ -310,7 +316,8 @@ def main(argv=None) -> int:
     if not args.skip_real:
         levels = [int(n) for n in args.sessions.split(",")]
         result["rounds"], result["turns"] = args.rounds, args.turns
-        result["real"], result["baseline"], one = run_real(speech, levels, args.turns, args.turns_many, args.rounds)
+        (result["real"], result["baseline"], one), result["features"] = run_real(
+            speech, levels, args.turns, args.turns_many, args.rounds, 0 if args.skip_features else args.features_turns)
         headers, rows = latency_rows(result["real"])
         print(table(headers, rows), file=sys.stderr)
         result["overhead"] = baseline.overhead(one["turns"], result["baseline"])
@@ -327,9 +334,9 @@ def main(argv=None) -> int:
         result["grpc_floor"] = grpc_floor.run(sessions=args.compare_sessions or 50)
         print(grpc_floor.floor_table(result["grpc_floor"]), file=sys.stderr)
 
-    if not args.skip_features:
-        print("STT finalization and TTS first audio, before and after...", file=sys.stderr)
+    if not args.skip_features and args.skip_real:  # (otherwise measured on the real-model stack above)
         result["features"] = features.run(args.features_turns, parts=("stt", "tts"))
+    if result.get("features"):
         print(features.markdown(result["features"]), file=sys.stderr)
 
     args.out.mkdir(parents=True, exist_ok=True)

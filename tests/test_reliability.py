@@ -433,6 +433,29 @@ async def test_no_replica_left_is_unavailable_then_the_session_recovers(replicat
 # ---------------------------------------------------------------- 2. NATS restart
 
 
+def asks_twice_across(fault, question):
+    """A caller who, after the opening, asks `question` while `fault()` runs (it begins 0.8 s
+    into the utterance), waits for that turn to end one way or another, then asks again."""
+    async def speaker(script: Script, send):
+        await script.wait_for(lambda: script.turn_done(0), 60)
+        faulting = asyncio.create_task(fault())
+        await send(question)
+        await faulting
+        # Whatever happened to that turn, it ends one way or another, in bounded time.
+        await script.wait_for(lambda: script.turn_done(1) or script.conversation.errors or script.call_ended, 90)
+        if not script.call_ended:
+            await asyncio.sleep(1.0)
+            await send(question)
+            await script.wait_for(lambda: script.turn_done(2) or script.call_ended, 90)
+    return speaker
+
+
+def add_turn_latencies(outcome: dict, conversation) -> None:
+    for i in (1, 2):
+        metrics = conversation.turns[i].metrics if i in conversation.turns else None
+        outcome[f"v2v_turn_{i}_ms"] = round(metrics.voice_to_voice_ms) if metrics else None
+
+
 async def test_nats_restart_during_a_session(replicated, question):
     stack = replicated
     outage: dict[str, float] = {}
@@ -445,22 +468,10 @@ async def test_nats_restart_during_a_session(replicated, question):
         await asyncio.to_thread(stack.start_nats)
         outage["started"] = time.monotonic()
 
-    async def speaker(script: Script, send):
-        await script.wait_for(lambda: script.turn_done(0), 60)
-        restarting = asyncio.create_task(restart_nats())
-        await send(question)
-        await restarting
-        # Whatever happened to that turn, it ends one way or another, in bounded time.
-        await script.wait_for(lambda: script.turn_done(1) or script.conversation.errors or script.call_ended, 90)
-        if not script.call_ended:
-            await asyncio.sleep(1.0)
-            await send(question)
-            await script.wait_for(lambda: script.turn_done(2) or script.call_ended, 90)
-
     script = Script(session_config())
     began = time.monotonic()
     with contextlib.suppress(grpc.aio.AioRpcError):
-        await script.run(stack.processes["edge"].address, speaker)
+        await script.run(stack.processes["edge"].address, asks_twice_across(restart_nats, question))
     conversation = script.conversation
     outcome = {
         "case": "nats-restart", "outage_ms": round((outage["started"] - outage["stopped"]) * 1000),
@@ -472,9 +483,7 @@ async def test_nats_restart_during_a_session(replicated, question):
         "seconds": round(time.monotonic() - began, 1),
         "reconnect_gap_ms": reconnect_gaps_ms(stack),
     }
-    for i in (1, 2):
-        metrics = conversation.turns[i].metrics if i in conversation.turns else None
-        outcome[f"v2v_turn_{i}_ms"] = round(metrics.voice_to_voice_ms) if metrics else None
+    add_turn_latencies(outcome, conversation)
     record(outcome)
     # The session in flight goes on: the turn that spanned the outage is answered, and so is the next.
     assert not script.call_ended, outcome
@@ -519,23 +528,12 @@ async def test_nats_cluster_node_loss_mid_session(clustered, question):
         await asyncio.to_thread(stack.stop_nats, index)  # the server the edge talks through
         lost["at"] = time.monotonic()
 
-    async def speaker(script: Script, send):
-        await script.wait_for(lambda: script.turn_done(0), 60)
-        losing = asyncio.create_task(lose_a_node())
-        await send(question)
-        await losing
-        await script.wait_for(lambda: script.turn_done(1) or script.call_ended, 90)
-        await send(question)
-        await script.wait_for(lambda: script.turn_done(2) or script.call_ended, 90)
-
-    conversation = await Script(session_config()).run(edge.address, speaker)
+    conversation = await Script(session_config()).run(edge.address, asks_twice_across(lose_a_node, question))
     try:
         result = {"case": "nats-cluster-node-loss", "stopped_server": index,
                   "errors": [(e.stage, e.message) for e in conversation.errors],
                   "reconnect_gap_ms": reconnect_gaps_ms(stack)}
-        for i in (1, 2):
-            metrics = conversation.turns[i].metrics if i in conversation.turns else None
-            result[f"v2v_turn_{i}_ms"] = round(metrics.voice_to_voice_ms) if metrics else None
+        add_turn_latencies(result, conversation)
         record(result)
         assert not conversation.errors, [(e.stage, e.message) for e in conversation.errors]
         for index_ in (1, 2):

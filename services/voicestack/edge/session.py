@@ -193,7 +193,10 @@ class Session:
         self.arrivals: deque = deque(maxlen=4000)  # (audio end ms, wall time)
         self.vad: StageStream | None = None
         self.vad_base_ms = 0
-        self.vad_pending = bytearray()  # audio short of a whole VAD window, not yet sent
+        # Audio goes to the VAD in whole 32 ms windows (it would hold a partial one until the
+        # rest came anyway) and to the STT in stt_batch_ms batches; unbatched, every frame.
+        self.vad_pending = bytearray()  # audio short of a whole batch, not yet sent
+        self.vad_batch_bytes = VAD_WINDOW_BYTES if settings.batch_stage_audio else 2
         self.stt_batch_ms = settings.stt_batch_ms if settings.batch_stage_audio else 0
         self.input_finished = False
         self.failure: StageError | None = None
@@ -330,15 +333,11 @@ class Session:
         self.audio += pcm
         self.arrivals.append((self.audio_ms, time.monotonic()))
         u = self.utterance
-        if self.settings.batch_stage_audio:
-            # Whole windows only: the VAD would hold a partial one until the rest came anyway.
-            self.vad_pending += pcm
-            whole = len(self.vad_pending) // VAD_WINDOW_BYTES * VAD_WINDOW_BYTES
-            if whole:
-                await self._send_vad(bytes(self.vad_pending[:whole]), u)
-                del self.vad_pending[:whole]
-        else:
-            await self._send_vad(pcm, u)
+        self.vad_pending += pcm
+        whole = len(self.vad_pending) // self.vad_batch_bytes * self.vad_batch_bytes
+        if whole:
+            await self._send_vad(bytes(self.vad_pending[:whole]), u)
+            del self.vad_pending[:whole]
         if u is None:
             excess = len(self.audio) - RING_MS * PIPELINE_RATE // 1000 * 2
             if excess >= RING_TRIM_BYTES:  # in steps, not a 64 kB move for every frame

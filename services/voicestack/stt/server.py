@@ -40,6 +40,36 @@ def rms(pcm: bytes) -> float:
     return float(np.sqrt(np.mean(samples * samples))) if samples.size else 0.0
 
 
+class DecodeSchedule:
+    """When to decode an utterance while it arrives: as soon as speech pauses (so that if the
+    turn ends there, the final transcript is ready, or nearly, when the end arrives) and every
+    INTERIM_EVERY_SECONDS of new audio for interim results. Byte counts only, no clock:
+    load/baseline.py replays the same schedule on the audio's clock."""
+
+    def __init__(self, pause_decode: bool, interim: bool):
+        self.pause_decode, self.interim = pause_decode, interim
+        self.length = 0  # bytes of audio so far
+        self.speech_end = 0  # bytes: just past the last chunk that sounded like speech
+        self.loudest = 0.0
+
+    def add(self, pcm: bytes) -> None:
+        self.length += len(pcm)
+        level = rms(pcm)
+        self.loudest = max(self.loudest, level)
+        if level > max(SILENCE_FLOOR, QUIET_FRACTION * self.loudest):
+            self.speech_end = self.length
+
+    def due(self, decoded: int) -> bool:
+        """Start a decode now? (The last one covered `decoded` bytes and is done.)"""
+        paused = self.pause_decode and self.speech_end > decoded and self.length - self.speech_end >= PAUSE_BYTES
+        interim = self.interim and self.length - decoded >= INTERIM_EVERY_SECONDS * PIPELINE_RATE * 2
+        return paused or interim
+
+    def final(self, covers: int) -> bool:
+        """Is a decode of the first `covers` bytes the final transcript (nothing but quiet since)?"""
+        return self.pause_decode and covers >= self.speech_end
+
+
 class SttStage(Stage):
     name = "stt"
     request_type = stt_pb2.TranscribeRequest
@@ -71,8 +101,7 @@ class SttStage(Stage):
         if config.language not in ("", "en") and not config.language.startswith("en-"):
             raise invalid(f"language {config.language!r} is not served: the model is English only")
         audio = bytearray()
-        speech_end = 0  # bytes: just past the last chunk that sounded like speech
-        loudest = 0.0
+        schedule = DecodeSchedule(self.settings.stt_pause_decode, config.interim_results)
         decode: _Decode | None = None  # the decode in flight, or the last one done
         last_interim = ""
         try:
@@ -85,10 +114,7 @@ class SttStage(Stage):
                 audio += pcm
                 if len(audio) > MAX_UTTERANCE_SECONDS * PIPELINE_RATE * 2:
                     raise invalid(f"utterance longer than {MAX_UTTERANCE_SECONDS:.0f} s; end it and start another")
-                level = rms(pcm)
-                loudest = max(loudest, level)
-                if level > max(SILENCE_FLOOR, QUIET_FRACTION * loudest):
-                    speech_end = len(audio)
+                schedule.add(pcm)
                 if decode is not None and decode.task.done() and not decode.reported:
                     decode.reported = True
                     text, seconds = decode.task.result()
@@ -96,16 +122,9 @@ class SttStage(Stage):
                         last_interim = text
                         yield stt_pb2.TranscribeResponse(text=text, audio_seconds=decode.covers / 2 / PIPELINE_RATE,
                                                          compute_seconds=seconds)
-                if decode is None or decode.task.done():
-                    decoded = decode.covers if decode else 0
-                    # Speech has paused: decode now, so that if the turn ends here the
-                    # final transcript is ready (or nearly) when the end arrives.
-                    paused = (self.settings.stt_pause_decode and speech_end > decoded
-                              and len(audio) - speech_end >= PAUSE_BYTES)
-                    due = config.interim_results and len(audio) - decoded >= INTERIM_EVERY_SECONDS * PIPELINE_RATE * 2
-                    if paused or due:
-                        decode = _Decode(asyncio.create_task(self._decode(bytes(audio))), len(audio))
-            if decode is not None and self.settings.stt_pause_decode and decode.covers >= speech_end:
+                if (decode is None or decode.task.done()) and schedule.due(decode.covers if decode else 0):
+                    decode = _Decode(asyncio.create_task(self._decode(bytes(audio))), len(audio))
+            if decode is not None and schedule.final(decode.covers):
                 # Nothing but quiet since that decode began: its transcript is the final one.
                 text, seconds = await decode.task
                 decode = None
