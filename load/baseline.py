@@ -7,15 +7,16 @@ load-generator session:
             which the VAD decided it ended (its silence wait), plus that frame's compute
   STT       Whisper on the utterance as the edge sends it (200 ms pre-roll through
             the deciding frame), with the STT stage's own rule for when to decode
-            (stt/server.py: at a 200 ms pause in speech, and every 0.8 s of new audio for
-            interim results): the decodes run here one after another, and each is placed
+            (stt/engine.py's DecodeSchedule: at a 200 ms pause in speech, and every 0.8 s
+            of new audio for interim results): the decodes run here one after another, and each is placed
             on the audio's clock (audio time = wall time for a caller at real-time pace),
             so a decode started at a pause has the rest of the silence wait to finish in.
             The final transcript is ready when the decode covering the last speech is,
             or, if none does, after a decode of the whole utterance at the end.
   LLM       SmolLM2 on the same history (system prompt, earlier turns) to the first
             token, and on to the first clause the TTS stage would speak
-  TTS       Kokoro on that first clause (split as tts/server.py splits it)
+  TTS       Kokoro on that first clause (split as the stage splits it: tts/engine.py's
+            split_clauses)
 
 Its voice-to-voice is endpointing + STT + LLM first token + (first clause's text
 + its synthesis), the same named events the edge times. voicestack's added latency
@@ -52,15 +53,16 @@ class Engines:
     """The four models, built as the stage servers build them with default settings."""
 
     def __init__(self):
-        from voicestack.llm.engine import LlamaCppEngine
-        from voicestack.stt.engine import WhisperEngine
-        from voicestack.tts.engine import KokoroEngine
-        from voicestack.vad.engine import SileroVad
+        from voicestack.llm import engine as llm
+        from voicestack.stt import engine as stt
+        from voicestack.tts import engine as tts
+        from voicestack.vad import engine as vad
 
-        self.vad = SileroVad(threads=1)
-        self.stt = WhisperEngine(model=None, device="cpu", compute_type="int8", threads=0)
-        self.llm = LlamaCppEngine(None, threads=0, device="cpu")
-        self.tts = KokoroEngine(device="cpu", threads=0)
+        settings = Settings()  # the defaults, not this shell's VOICESTACK_* (so never cheap engines)
+        self.vad = vad.build_engine(settings)
+        self.stt = stt.build_engine(settings)
+        self.llm = llm.build_engine(settings)
+        self.tts = tts.build_engine(settings)
 
     async def aclose(self) -> None:
         await self.llm.aclose()
@@ -74,7 +76,7 @@ def _frames(pcm: bytes) -> list[bytes]:
 async def run_turns(engines: Engines, speech: list, turns: int, session: int = 0, settings: Settings | None = None,
                     progress=None, round_: int = 0) -> list[dict]:
     """One caller's turns, in process. Records carry the same metric names as the load generator's."""
-    from voicestack.tts.server import split_clauses
+    from voicestack.tts.engine import split_clauses
     from voicestack.vad.engine import ENDED, STARTED
 
     settings = settings or Settings()
@@ -163,10 +165,10 @@ async def stt_as_the_stage_decodes(engines: Engines, utterance: bytes, opened_ms
     """(final transcript, ms from the endpointing decision to it) for an utterance fed to the
     STT stage as the edge feeds it: everything up to `opened_ms` (the VAD's speech start,
     when the edge opens the stream) at once, then `batch_ms` at a time until `decided_ms`
-    (the end-of-turn decision). Decodes follow stt/server.py's rule and are placed on the
+    (the end-of-turn decision). Decodes follow the stage's DecodeSchedule and are placed on the
     audio's clock; nothing here runs in parallel, so this is the stage's algorithm without
     the bus, the processes or competing work."""
-    from voicestack.stt.server import DecodeSchedule
+    from voicestack.stt.engine import DecodeSchedule
 
     async def decode(pcm: bytes) -> tuple[str, float]:
         t0 = time.perf_counter()
@@ -230,8 +232,10 @@ async def bus_hop(nats_url: str, messages: int = 2000, warmup: int = 200, opens:
     """
     import nats
 
-    from voicestack.bus import StageClient, StageEndpoint
+    from voicestack.bus import Failover, StageClient, StageContract, StageEndpoint
     from voicestack.v1 import audio_pb2, vad_pb2
+
+    hop = StageContract("hop", vad_pb2.DetectRequest, vad_pb2.DetectResponse, Failover.OPENER)
 
     async def echo(requests, context):
         async for _ in requests:
@@ -249,10 +253,10 @@ async def bus_hop(nats_url: str, messages: int = 2000, warmup: int = 200, opens:
         open_us = []
         for _ in range(opens):
             t0 = time.perf_counter_ns()
-            stream = await client.open("hop", vad_pb2.DetectResponse)
+            stream = await client.open(hop)
             open_us.append((time.perf_counter_ns() - t0) / 1000)
             await stream.cancel()
-        stream = await client.open("hop", vad_pb2.DetectResponse, replay=False)
+        stream = await client.open(hop)
         stage_us = []
         for i in range(warmup + messages):
             t0 = time.perf_counter_ns()

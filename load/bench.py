@@ -194,7 +194,7 @@ def markdown(result: dict) -> str:
     cap = result.get("capacity")
     if cap:
         out += ["### Edge capacity (cheap engines: the edge and the bus only)", "",
-                "Stages on `VOICESTACK_CHEAP_ENGINES=1` (`services/voicestack/cheap.py`: energy VAD, fixed "
+                "Stages on `VOICESTACK_CHEAP_ENGINES=1` (the stand-ins in each stage's `engine.py`: energy VAD, fixed "
                 "transcript and reply, silent TTS), never evidence the pipeline works. Sessions ramp level by "
                 f"level until {cap['criterion']}. Edge CPU from /proc while every session of the level is in "
                 "its call; NATS messages from nats-server's /varz. On this machine the load generator, "

@@ -1,9 +1,10 @@
 """Edge capacity: how many sessions one edge core carries.
 
-The stages run cheap engines (voicestack/cheap.py: VOICESTACK_CHEAP_ENGINES=1), so
-they answer at once and the edge and the bus are what the load meets. Sessions ramp
-level by level, each streaming real speech in 20 ms frames, until voice-to-voice p95
-is more than 10% over its 1-session value (or anything fails). For each level:
+The stages run cheap engines (VOICESTACK_CHEAP_ENGINES=1: EnergyVad, FixedStt, FixedLlm and
+SilentTts, in each stage's engine.py), so they answer at once and the edge and the bus are
+what the load meets. Sessions ramp level by level, each streaming real speech in 20 ms
+frames, until voice-to-voice p95 is more than 10% over its 1-session value (or anything
+fails). For each level:
 
   edge CPU     /proc/<edge pid>/stat while every session of the level is in its call;
                sessions per edge core = sessions / edge cores busy

@@ -6,6 +6,7 @@ the model must stop generating at once rather than finish a reply nobody will he
 """
 
 import asyncio
+import contextlib
 import re
 import socket
 import subprocess
@@ -140,6 +141,40 @@ async def test_llamacpp_task_cancel_stops_generation(llama):
     assert stopped_at - before < 50
     await asyncio.sleep(0.3)
     assert llama.tokens_generated == stopped_at
+
+
+def long_prompt(topic: str) -> list[dict]:
+    """About 1500 tokens; `topic` comes first, so no earlier prompt is a prefix of it in the KV cache."""
+    colours = ("red", "green", "blue", "yellow")
+    facts = " ".join(f"In the {topic}, box number {i} is {colours[i % 4]}." for i in range(125))
+    return [{"role": "user", "content": f"{topic.title()}. {facts} Which boxes are blue?"}]
+
+
+async def test_llamacpp_cancel_during_a_long_prompt_frees_the_model(llama):
+    # How long evaluating such a prompt takes here, uncancelled (to its first token).
+    t0 = time.monotonic()
+    async with contextlib.aclosing(llama.stream(long_prompt("harbour"), max_tokens=4, temperature=0.0)) as agen:
+        first = await anext(agen)
+    prompt_seconds = time.monotonic() - t0
+    assert 1300 <= first.prompt_tokens <= 1800, first
+
+    async def consume():
+        async for _ in llama.stream(long_prompt("orchard"), max_tokens=4, temperature=0.0):
+            pass
+
+    before = llama.tokens_generated
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.1)  # inside the prompt's evaluation
+    cancelled = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert llama.tokens_generated == before  # stopped before its first token
+    async with contextlib.aclosing(llama.stream(QUESTION, max_tokens=4, temperature=0.0)) as agen:
+        assert (await anext(agen)).text
+    waited = time.monotonic() - cancelled
+    # Had the prompt's evaluation run on, the model would have been busy ~0.9 of prompt_seconds.
+    assert waited < 0.3 * prompt_seconds, (waited, prompt_seconds)
 
 
 async def test_openai_streams_reply(openai):

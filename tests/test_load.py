@@ -69,34 +69,6 @@ def test_one_session_one_turn_against_the_stack(edge_address, tmp_path):
     assert "v2v p50" in run.stdout  # the table
 
 
-async def test_cheap_engines_keep_the_real_interfaces():
-    from voicestack import cheap
-    from voicestack.vad.engine import ENDED, STARTED, VadEvent
-
-    rate = 16000
-    tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(rate) / rate)).astype(np.float32)
-    audio = np.concatenate([np.zeros(rate // 2, np.float32), tone, np.zeros(rate, np.float32)])
-    pcm = (audio * 32767).astype("<i2").tobytes()
-    stream = cheap.EnergyVad().open(min_silence_ms=300, min_speech_ms=100)
-    events = [e for i in range(0, len(pcm), 640) for e in stream.feed(pcm[i: i + 640])] + stream.flush()
-    assert all(isinstance(e, VadEvent) for e in events)
-    assert [e.type for e in events] == [STARTED, ENDED]
-    assert abs(events[0].offset_ms - 500) <= 32 and abs(events[1].offset_ms - 1500) <= 32
-
-    assert cheap.FixedStt().transcribe(audio) == cheap.TRANSCRIPT
-    assert cheap.FixedStt().transcribe(audio[:800]) == ""
-
-    deltas = [d async for d in cheap.FixedLlm().stream([{"role": "user", "content": "hi"}], 80, 0.3)]
-    assert "".join(d.text for d in deltas) == cheap.REPLY and deltas[-1].finish_reason == "stop"
-    assert len(deltas) > 3 and deltas[-1].completion_tokens == len(cheap.REPLY.split())
-
-    tts = cheap.SilentTts()
-    assert tts.default_voice in tts.voices() and tts.sample_rate == 24000
-    out = tts.synthesize("Hello there.")
-    assert out.dtype == np.int16 and not out.any() and len(out) == int(12 * cheap.SECONDS_PER_CHAR * 24000)
-    assert len(tts.synthesize("   ")) == 0
-
-
 def test_grpc_floor_measures_the_servers_cpu_per_frame():
     """The floor benchmark's server really reads the frames: its CPU grows with the frames sent."""
     from load import grpc_floor

@@ -28,6 +28,7 @@ from voicestack.bus import StageClient
 from voicestack.client import converse
 from voicestack.config import SERVICES
 from voicestack.launcher import START_ORDER, Stack
+from voicestack.stt import CONTRACT as STT
 from voicestack.v1 import audio_pb2, stt_pb2
 
 
@@ -120,8 +121,8 @@ async def test_a_sigtermed_replica_shows_draining_then_leaves(status_stack):
     stages = StageClient(nc)
     await stages.start()
     try:
-        stream = await stages.open("stt", stt_pb2.TranscribeResponse,
-                                   stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig()), replica=leaving)
+        stream = await stages.open(STT, stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig()),
+                                   replica=leaving)
         assert stream.replica_id == leaving
         await stream.send(stt_pb2.TranscribeRequest(audio=audio_pb2.AudioChunk(pcm=bytes(16000))))
 

@@ -12,7 +12,8 @@ import wave
 import numpy as np
 import pytest
 
-from voicestack.stt.engine import WhisperEngine
+from conftest import speak, words
+from voicestack.stt.engine import WINDOW_SECONDS, WhisperEngine
 from voicestack.vad.engine import SileroVad
 
 SR = 16000
@@ -149,3 +150,36 @@ def test_whisper_transcribes_recorded_human_speech(whisper):
         assert w.getframerate() != SR  # 48 kHz: the resampling is exercised, not skipped
     text = normalize(whisper.transcribe(read_wav(HUMAN)))
     assert "front" in text and "center" in text, text
+
+
+# A monologue, one sentence after another; rotated so that, decoded in Whisper's fixed
+# 30 s windows, the one from 30 s came back as nothing (0 of the 13 words checked below).
+MONOLOGUE = [
+    "The conductor walked slowly along the corridor checking every ticket.",
+    "At the first stop, an old man with a wooden cane climbed aboard.",
+    "He sat down beside a young woman who was knitting a red scarf.",
+    "They talked about the weather and the price of bread in the village.",
+    "Later the train crossed a long bridge over a wide and quiet river.",
+    "Children waved from the bank as the carriages rolled past them.",
+    "Near noon the sun grew warm and many travellers fell asleep.",
+    "The final station had a bakery that sold fresh apple pies.",
+    "Everyone hurried to buy one before the shop closed for lunch.",
+    "The pilot of a yellow balloon landed gently in the meadow nearby.",
+    "An orchestra was playing violins and trumpets in the town square.",
+    "Finally the elephant painted a purple giraffe on the museum wall.",
+]
+
+
+def test_whisper_transcribes_the_end_of_a_long_monologue(whisper, tmp_path):
+    pieces, last_15s, at = [], [], 0.0
+    for sentence in MONOLOGUE:
+        speech = speak(sentence, tmp_path)
+        if 30.0 <= at and at + len(speech) / SR <= 45.0:
+            last_15s += [w for w in words(sentence) if len(w) > 3]  # short words are easily misheard
+        pieces += [speech, silence(0.35)]
+        at += len(speech) / SR + 0.35
+    audio = np.concatenate(pieces)[: 45 * SR]
+    assert len(audio) == 45 * SR > 1.5 * WINDOW_SECONDS * SR and len(last_15s) >= 10  # it is what it says
+    heard = set(words(whisper.transcribe(audio)))
+    assert sum(w in heard for w in last_15s) >= len(last_15s) / 2, (sorted(heard), last_15s)
+    assert {"conductor", "corridor"} <= heard  # and the start is still there

@@ -27,6 +27,11 @@ def build_service(name: str, settings):
     return cls(settings)
 
 
+# `talk`: how long after the audio (and the silence that ends its last turn) a turn may
+# still start before the WAV counts as holding no speech.
+NO_SPEECH_GRACE_SECONDS = 2.0
+
+
 def cmd_serve(args) -> int:
     from voicestack import runtime
 
@@ -46,10 +51,47 @@ def _progress(process) -> None:
     print(f"  {process.name:<5} ready in {process.ready_after:5.1f}s  (pid {process.popen.pid}, {process.address})", flush=True)
 
 
-def start_stack(log_dir: str):
+# Settings each process of `up` gets its own value of (the launcher assigns them).
+PER_PROCESS_SETTINGS = ("nats_url", "grpc_port", "metrics_port", "replica_id", "capacity")
+
+
+def add_stack_flags(parser) -> None:
+    """`up` takes the services' settings (--llm-engine openai --llm-url ...) and hands them to all five."""
+    from dataclasses import fields
+
+    from voicestack.config import Settings, _coerce
+
+    for f in fields(Settings):
+        if f.name in PER_PROCESS_SETTINGS:
+            continue
+        kind = type(getattr(Settings(), f.name))
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, nargs="?", const=True, default=None, metavar="BOOL",
+                                type=lambda raw, flag=flag: _coerce(bool, raw, flag))
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper())
+
+
+def stack_env(args) -> dict:
+    """The settings given to `up` as the VOICESTACK_* environment of every service it starts."""
+    from dataclasses import fields
+
+    from voicestack.config import Settings
+
+    env = {}
+    for f in fields(Settings):
+        value = getattr(args, f.name, None)
+        if value is not None and f.name not in PER_PROCESS_SETTINGS:
+            env[f"VOICESTACK_{f.name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+def start_stack(log_dir: str, env: dict | None = None):
     from voicestack.launcher import START_ORDER, Stack
 
-    stack = Stack(log_dir=log_dir)
+    # Through the environment, not argv: a secret (--llm-api-key) stays out of `ps`.
+    stack = Stack(log_dir=log_dir, env=env)
     print(f"starting nats-server on {stack.nats_url} and {len(START_ORDER)} services; "
           f"loading models (logs in {log_dir}/)...", flush=True)
     stack.start_nats()
@@ -63,14 +105,23 @@ def start_stack(log_dir: str):
     return stack
 
 
+def model_label(described: dict | None) -> str:
+    """A service's model as it reports it: "SmolLM2-135M-Instruct.Q4_1 (cpu)", "qwen (openai)"."""
+    if not described or described.get("model") in (None, "", "-"):
+        return "-" if described else "?"
+    # An OpenAI-compatible server runs the model elsewhere: this process's device says nothing.
+    where = "openai" if described.get("engine") == "openai" else described.get("device", "")
+    return f"{described['model']} ({where})" if where else str(described["model"])
+
+
 def show_stack(stack) -> None:
     from voicestack.launcher import health_status
 
-    models = {"edge": "-", "vad": "silero-vad-v6", "stt": "whisper-tiny.en (int8)",
-              "llm": "SmolLM2-135M-Instruct Q4_1", "tts": "kokoro-82m int8"}
+    # What each service says it serves, not what the defaults would be (--llm-engine openai...).
+    served = stack.served()
     rows = [["nats", str(stack.nats.pid), stack.nats_url, "-", "yes"]]
     for name, p in stack.processes.items():
-        rows.append([name, str(p.popen.pid), p.address, models.get(p.service, "-"),
+        rows.append([name, str(p.popen.pid), p.address, model_label(served.get(name)),
                      "yes" if health_status(p.address) == "SERVING" else "no"])
     print()
     print_table(rows, ["service", "pid", "address", "model", "ready"])
@@ -78,7 +129,7 @@ def show_stack(stack) -> None:
 
 
 def cmd_up(args) -> int:
-    stack = start_stack(args.log_dir)
+    stack = start_stack(args.log_dir, stack_env(args))
     show_stack(stack)
     print("Talk to it: voicestack talk --wav IN.wav --out REPLY.wav   (Ctrl-C stops everything)", flush=True)
     stopping = []
@@ -142,7 +193,7 @@ def print_conversation(conversation) -> None:
 async def _talk(args) -> int:
     import grpc
 
-    from voicestack.audio import read_wav, write_wav
+    from voicestack.audio import PIPELINE_RATE, read_wav, write_wav
     from voicestack.client import converse
     from voicestack.v1 import edge_pb2
 
@@ -150,6 +201,9 @@ async def _talk(args) -> int:
         audio = read_wav(args.wav)
     except (OSError, ValueError) as error:
         print(f"talk: {error}", file=sys.stderr)
+        return 2
+    if audio.size == 0:
+        print(f"talk: {args.wav} holds no audio (0 samples); nothing to say", file=sys.stderr)
         return 2
     config = edge_pb2.SessionConfig(voice=args.voice, system_prompt=args.system_prompt)
     metadata, credentials = None, None
@@ -160,9 +214,13 @@ async def _talk(args) -> int:
         with open(args.tls_ca, "rb") as ca:
             credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
     conversation = await converse(args.address, audio, config=config, speed=args.speed, timeout=args.timeout,
-                                  metadata=metadata, credentials=credentials)
+                                  metadata=metadata, credentials=credentials, no_speech_grace=NO_SPEECH_GRACE_SECONDS)
     if conversation.status.name != "OK":
         print(f"talk: {conversation.status.name}: {conversation.details}", file=sys.stderr)
+        return 1
+    if conversation.no_speech:
+        print(f"talk: no speech was detected in {args.wav} ({audio.size / PIPELINE_RATE:.1f}s of audio sent; "
+              f"the edge heard only silence or noise)", file=sys.stderr)
         return 1
     print_conversation(conversation)
     turns = ([conversation.opening] if conversation.opening else []) + conversation.replies
@@ -170,7 +228,11 @@ async def _talk(args) -> int:
     if args.out:
         write_wav(args.out, audio_out, conversation.output_rate)
         print(f"wrote {len(audio_out) / 2 / conversation.output_rate:.1f}s of agent audio to {args.out}")
-    return 0 if audio_out else 1
+    # The opening (disclosure, greeting) is always spoken: only an answer to the WAV is success.
+    if not any(t.audio for t in conversation.replies):
+        print(f"talk: the agent did not answer what it heard in {args.wav}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_talk(args) -> int:
@@ -229,6 +291,7 @@ def main(argv=None) -> int:
 
     up = commands.add_parser("up", help="the embedded default: local NATS and all five services")
     up.add_argument("--log-dir", default="build/logs")
+    add_stack_flags(up)
     up.set_defaults(run=cmd_up)
 
     talk = commands.add_parser("talk", help="speak a WAV to the edge and save the reply")

@@ -14,6 +14,9 @@ from voicestack.audio import PIPELINE_RATE, float_to_pcm16
 from voicestack.v1 import audio_pb2, edge_pb2, edge_pb2_grpc
 
 FRAME_MS = 20
+# Silence streamed after the audio before it counts as all sent: longer than the
+# default end-of-turn silence (600 ms), so speech at the very end is heard as ended.
+TRAILING_SILENCE_MS = 1000
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Conversation:
     errors: list[edge_pb2.Error] = field(default_factory=list)
     status: grpc.StatusCode = grpc.StatusCode.OK
     details: str = ""
+    no_speech: bool = False  # converse() gave up: all audio sent and no SpeechStarted came
 
     def turn(self, index: int) -> TurnResult:
         return self.turns.setdefault(index, TurnResult(index))
@@ -82,6 +86,8 @@ class Conversation:
 def frames(audio: np.ndarray, frame_ms: int = FRAME_MS) -> list[bytes]:
     """Float audio at 16 kHz as PCM16 frames of frame_ms."""
     step = PIPELINE_RATE * frame_ms // 1000
+    # The last frame is padded with silence: the edge refuses frames under 5 ms.
+    audio = np.concatenate([audio, np.zeros(-len(audio) % step, dtype=np.float32)])
     pcm = float_to_pcm16(audio)
     return [pcm[i * 2: (i + step) * 2] for i in range(0, len(audio), step)]
 
@@ -101,16 +107,26 @@ async def converse(
     metadata=None,
     credentials: grpc.ChannelCredentials | None = None,
     on_event=None,
+    no_speech_grace: float | None = None,
 ) -> Conversation:
     """Stream `audio` (float32, 16 kHz) at `speed` x real time, then silence like an
-    open microphone until `expect_turns` replies have ended (or `timeout`)."""
+    open microphone until `expect_turns` replies have ended (or `timeout`).
+
+    With `no_speech_grace` (seconds): once the audio and TRAILING_SILENCE_MS of silence
+    are sent, wait at most that long for a SpeechStarted; if none comes, end the call
+    with `no_speech` set (the status stays OK) instead of waiting for the timeout.
+    """
     conversation = Conversation()
     done = asyncio.Event()
+    audio_sent = asyncio.Event()
+    speech_heard = asyncio.Event()
     config = config or edge_pb2.SessionConfig()
     if not config.input_format.sample_rate_hz:
         config.input_format.sample_rate_hz = PIPELINE_RATE
         config.input_format.encoding = audio_pb2.AUDIO_ENCODING_PCM16
     frame_seconds = FRAME_MS / 1000 / speed
+    # A session that asks for a longer end-of-turn silence needs more of it after the audio.
+    trailing_frames = max(TRAILING_SILENCE_MS, config.endpointing.silence_ms + 400) // FRAME_MS
 
     async def requests():
         yield edge_pb2.ConverseRequest(config=config)
@@ -121,10 +137,37 @@ async def converse(
             sent += 1
             await asyncio.sleep(max(0.0, start + sent * frame_seconds - time.monotonic()))
         quiet = frames(silence(FRAME_MS))[0]
+        trailing = 0
         while not done.is_set():
             yield edge_pb2.ConverseRequest(audio=edge_pb2.AudioFrame(pcm=quiet))
             sent += 1
+            trailing += 1
+            if trailing == trailing_frames:
+                audio_sent.set()
             await asyncio.sleep(max(0.0, start + sent * frame_seconds - time.monotonic()))
+
+    async def read(call):
+        try:
+            async for event in call:
+                conversation.record(event)
+                if event.WhichOneof("kind") == "speech_started":
+                    speech_heard.set()
+                if on_event:
+                    on_event(event)
+                ended = [t for t in conversation.replies if t.ended or t.interrupted]
+                if len(ended) >= expect_turns:
+                    return
+        except grpc.aio.AioRpcError as error:
+            conversation.status, conversation.details = error.code(), error.details()
+
+    async def give_up_without_speech():
+        await audio_sent.wait()
+        try:
+            await asyncio.wait_for(speech_heard.wait(), no_speech_grace)
+        except asyncio.TimeoutError:
+            conversation.no_speech = True
+            return
+        await asyncio.Future()  # speech came: the replies (or the timeout) end the call
 
     if credentials:
         channel = grpc.aio.secure_channel(address, credentials)
@@ -132,18 +175,17 @@ async def converse(
         channel = grpc.aio.insecure_channel(address)
     async with channel:
         call = edge_pb2_grpc.EdgeServiceStub(channel).Converse(requests(), metadata=metadata, timeout=timeout)
+        tasks = [asyncio.create_task(read(call))]
+        if no_speech_grace is not None:
+            tasks.append(asyncio.create_task(give_up_without_speech()))
         try:
-            async for event in call:
-                conversation.record(event)
-                if on_event:
-                    on_event(event)
-                ended = [t for t in conversation.replies if t.ended or t.interrupted]
-                if len(ended) >= expect_turns:
-                    done.set()
-                    break
-        except grpc.aio.AioRpcError as error:
-            conversation.status, conversation.details = error.code(), error.details()
+            finished, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in finished:
+                task.result()  # an on_event callback's exception is the caller's
         finally:
             done.set()
             call.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     return conversation

@@ -78,6 +78,11 @@ class Settings:
     # Edge: agent audio is sent at most this far ahead of the client's playback,
     # so an interruption has little audio to take back.
     audio_lead_ms: int = 300
+    # Edge: a stage stream that is alive but sends nothing this long (while the edge waits
+    # for its output) fails the turn.
+    stage_stall_seconds: float = 30.0
+    # Edge: a call whose client sends nothing (not even silence) this long is ended.
+    idle_timeout_seconds: float = 30.0
     # Edge: audio goes to the stages in fewer, larger bus messages (the per-message cost,
     # not the bytes, limits sessions per edge core; see BENCHMARKS.md). The VAD gets whole
     # 32 ms windows, the only unit it decides on, so that costs no latency; the STT gets

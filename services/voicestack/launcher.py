@@ -4,7 +4,10 @@ each its own process, as `voicestack up`, the demo, the tests and the benchmarks
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +24,9 @@ from voicestack.config import DEFAULT_GRPC_PORTS, DEFAULT_METRICS_PORTS
 
 # The edge needs the stages; VAD and the edge load nothing, so they come last and first.
 START_ORDER = ("vad", "stt", "llm", "tts", "edge")
+
+# runtime.serve logs `ready on ADDRESS (DESCRIBE-JSON)` once a service serves.
+READY_LINE = re.compile(r"ready on \S+ \((\{.*\})\)\s*$")
 
 
 def free_port() -> int:
@@ -71,6 +77,41 @@ def process_ready(process: "Process") -> bool:
     return health_status(process.address, 0.5) == "SERVING"
 
 
+# What describe() holds (discovery's snapshots carry it among live numbers).
+DESCRIBE_KEYS = ("model", "device", "engine", "voice")
+
+
+def ready_description(process: "Process") -> dict | None:
+    """The describe() JSON of the process's "ready on" log line from this run, if written yet."""
+    if process.log_path is None or not process.log_path.exists():
+        return None
+    with open(process.log_path, "rb") as log:
+        log.seek(process.log_offset)
+        lines = log.read().decode(errors="replace").splitlines()
+    for line in reversed(lines):
+        if match := READY_LINE.search(line):
+            try:
+                return json.loads(match.group(1))
+            except ValueError:
+                return None
+    return None
+
+
+async def _discover(nats_url: str) -> list[dict]:
+    import nats
+
+    from voicestack import discovery
+
+    try:
+        nc = await nats.connect(servers=nats_url.split(","), connect_timeout=2.0, max_reconnect_attempts=0)
+    except Exception:  # no bus, no answers: the caller shows what it knows
+        return []
+    try:
+        return await discovery.discover(nc)
+    finally:
+        await nc.close()
+
+
 @dataclass
 class Process:
     name: str  # "stt", or "stt-2" for a second replica
@@ -80,6 +121,8 @@ class Process:
     metrics_port: int
     log_path: Path | None = None
     tls: bool = False  # its gRPC listener wants TLS: plaintext health checks cannot reach it
+    replica_id: str = ""
+    log_offset: int = 0  # the log is appended to across runs: this run's lines start here
     started: float = field(default_factory=time.monotonic)
     ready_after: float = 0.0
 
@@ -146,16 +189,19 @@ class Stack:
         name = name or service
         grpc_port = free_port() if self.free_ports or name != service else DEFAULT_GRPC_PORTS[service]
         metrics_port = free_port() if self.free_ports or name != service else DEFAULT_METRICS_PORTS[service]
+        replica_id = f"{name}-{os.getpid()}-{grpc_port}"
         command = [sys.executable, "-m", "voicestack", "serve", service, "--nats-url", self.nats_url,
                    "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-                   "--replica-id", f"{name}-{os.getpid()}-{grpc_port}", *(args or [])]
+                   "--replica-id", replica_id, *(args or [])]
+        log_path = self.log_dir / f"{name}.log" if self.log_dir else None
+        log_offset = log_path.stat().st_size if log_path and log_path.exists() else 0
         log = self._log_file(name)
         process_env = {**self.env, **(env or {})}
         popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=process_env,
                                  start_new_session=True)  # Ctrl-C reaches `up`, which stops the services in order
         tls = bool(process_env.get("VOICESTACK_TLS_CERT_FILE")) or "--tls-cert-file" in (args or [])
-        process = Process(name, service, popen, grpc_port, metrics_port,
-                          self.log_dir / f"{name}.log" if self.log_dir else None, tls=tls)
+        process = Process(name, service, popen, grpc_port, metrics_port, log_path, tls=tls,
+                          replica_id=replica_id, log_offset=log_offset)
         self.processes[name] = process
         return process
 
@@ -177,6 +223,34 @@ class Stack:
             if pending and time.monotonic() > deadline:
                 raise TimeoutError(f"not ready after {timeout:.0f}s: {', '.join(pending)}")
             time.sleep(0.1)
+
+    def served(self, names=None, timeout: float = 3.0) -> dict[str, dict]:
+        """What each process says it serves: its describe() (model, device, engine...).
+
+        Read from the process's own "ready on" log line; where there is no log, or the
+        line is not there within `timeout`, from its announcement on the bus (discovery).
+        A process found in neither is left out.
+        """
+        pending = [n for n in (names or self.processes) if n in self.processes]
+        found: dict[str, dict] = {}
+        deadline = time.monotonic() + timeout
+        # Health turns SERVING just before the ready line is written: poll a moment for it.
+        missing = pending
+        while missing and any(self.processes[n].log_path for n in missing):
+            for name in missing:
+                if (described := ready_description(self.processes[name])) is not None:
+                    found[name] = described
+            missing = [n for n in pending if n not in found]
+            if time.monotonic() > deadline:
+                break
+            if missing:
+                time.sleep(0.05)
+        if missing and self.nats is not None:
+            by_replica = {self.processes[n].replica_id: n for n in missing}
+            for replica in asyncio.run(_discover(self.nats_url)):
+                if (name := by_replica.get(replica.get("replica_id"))) is not None:
+                    found[name] = {k: v for k, v in replica.items() if k in DESCRIBE_KEYS}
+        return found
 
     def start(self, services=START_ORDER, progress=None, timeout: float = 180.0) -> "Stack":
         if self.nats is None:

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import signal
+from typing import AsyncIterator
 
 import grpc
 import nats
@@ -36,6 +37,26 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+
+# How long a refused or failed gRPC call's remaining requests are read before its status
+# is sent (see end_call): a burst is read in milliseconds, live audio is cut here.
+END_CALL_READ_SECONDS = 1.0
+
+
+async def end_call(context: grpc.aio.ServicerContext, requests: AsyncIterator, code: grpc.StatusCode,
+                   message: str) -> None:
+    """End a gRPC call with a status its client is sure to get.
+
+    Ended while the client is still sending (`context.abort()` mid-stream), a grpc.aio
+    client's next write fails, and that failure replaces the status with INTERNAL
+    "Internal error from Core" (grpc/grpc#36066). So read what it still sends first, for
+    a bounded time (a live audio stream never stops by itself), then set the status."""
+    with contextlib.suppress(Exception):  # (TimeoutError, or the call already gone)
+        async with asyncio.timeout(END_CALL_READ_SECONDS):
+            async for _ in requests:
+                pass
+    context.set_code(code)
+    context.set_details(message)
 
 
 async def connect_nats(settings: Settings, name: str):
@@ -55,7 +76,8 @@ async def connect_nats(settings: Settings, name: str):
         log.warning("nats: %s", exc)
 
     async def on_disconnect():
-        log.warning("nats: disconnected, reconnecting")
+        if not nc.is_closed:  # (our own close at shutdown is no outage)
+            log.warning("nats: disconnected, reconnecting")
 
     async def on_reconnect():
         log.info("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
@@ -90,45 +112,68 @@ def run(service, settings: Settings) -> None:
 async def serve(service, settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format=f"%(asctime)s {service.name} %(levelname)s %(name)s: %(message)s")
     log.info("starting with %s", json.dumps(public_view(settings)))
-    meters = telemetry.setup(service.name, settings.metrics_port, settings.grpc_host)
-    meters.observe_streams(lambda: service.active, lambda: service.capacity)
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    nc = await connect_nats(settings, f"voicestack-{settings.replica_id}")
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service.add_to_grpc(server)
-    reflection.enable_server_reflection(
-        [*service.grpc_service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
-    address = f"{settings.grpc_host}:{settings.grpc_port}"
-    credentials = grpc_credentials(settings)
-    if credentials:
-        server.add_secure_port(address, credentials)
-    else:
-        server.add_insecure_port(address)
+    # Every resource of the process, released in reverse order on the way out (after a
+    # SIGTERM, or a failure while starting): the service drains its streams while it is
+    # still announced and its gRPC server still serves them; then it leaves the bus, the
+    # gRPC server stops, and the NATS connection drains last.
+    async with contextlib.AsyncExitStack() as resources:
+        meters = telemetry.setup(service.name, settings.metrics_port, settings.grpc_host)
+        resources.callback(telemetry.shutdown)
+        meters.observe_streams(lambda: service.active, lambda: service.capacity)
 
-    await service.start(nc, meters)
-    announcement = await discovery.announce(nc, service)  # `$SRV.*`: what `voicestack status` reads
-    await server.start()
-    for name in ["", *service.grpc_service_names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("ready on %s (%s)", address, json.dumps(service.describe()))
+        nc = await connect_nats(settings, f"voicestack-{settings.replica_id}")
+        resources.push_async_callback(_close_nats, nc)
 
-    await stop.wait()
-    announcement.draining = True  # visible on the bus at once, before the drain begins
-    log.info("SIGTERM: draining for up to %.0fs (%d streams open)", settings.drain_seconds, service.active)
-    await health_servicer.enter_graceful_shutdown()
-    await service.drain(settings.drain_seconds)
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        resources.push_async_callback(server.stop, 1.0)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        service.add_to_grpc(server)
+        reflection.enable_server_reflection(
+            [*service.grpc_service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        address = f"{settings.grpc_host}:{settings.grpc_port}"
+        credentials = grpc_credentials(settings)
+        if credentials:
+            server.add_secure_port(address, credentials)
+        else:
+            server.add_insecure_port(address)
+
+        # `$SRV.*`: what `voicestack status` reads. Announced before the service starts
+        # so that it leaves the bus only after the service has drained.
+        announcement = await discovery.announce(nc, service)
+        resources.push_async_callback(_leave_bus, announcement)
+
+        await service.start(nc, meters)  # its NATS endpoints
+
+        async def drain() -> None:
+            announcement.draining = True  # visible on the bus at once, before the drain begins
+            log.info("draining for up to %.0fs (%d streams open)", settings.drain_seconds, service.active)
+            await health_servicer.enter_graceful_shutdown()
+            await service.drain(settings.drain_seconds)
+
+        resources.push_async_callback(drain)
+
+        await server.start()
+        for name in ["", *service.grpc_service_names]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready on %s (%s)", address, json.dumps(service.describe()))
+
+        await stop.wait()
+        log.info("SIGTERM: stopping")
+    log.info("stopped")
+
+
+async def _leave_bus(announcement) -> None:
     with contextlib.suppress(Exception):
         await announcement.stop()  # off the bus once its streams are done
-    await server.stop(grace=1.0)
+
+
+async def _close_nats(nc) -> None:
     with contextlib.suppress(Exception):
-        await nc.drain()
-    telemetry.shutdown()
-    log.info("stopped")
+        await nc.drain()  # subscriptions drained before the connection closes

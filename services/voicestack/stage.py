@@ -15,7 +15,8 @@ import grpc
 from voicestack import discovery, telemetry
 from voicestack.bus import StageEndpoint, StreamContext
 from voicestack.config import Settings
-from voicestack.errors import StageError, as_stage_error, invalid
+from voicestack.errors import ServiceError, as_stage_error, invalid
+from voicestack.runtime import end_call
 
 
 async def first_message(requests: AsyncIterator, kind: str, what: str):
@@ -29,6 +30,8 @@ async def first_message(requests: AsyncIterator, kind: str, what: str):
 
 async def one_request(request) -> AsyncIterator:
     yield request
+
+
 
 
 class Stage:
@@ -54,6 +57,7 @@ class Stage:
 
     @property
     def active(self) -> int:
+        """Streams in flight, over NATS and over the gRPC API: one count, one capacity."""
         return self._grpc_active + (self.endpoint.active if self.endpoint else 0)
 
     async def start(self, nc, meters) -> None:
@@ -61,7 +65,7 @@ class Stage:
         self.endpoint = StageEndpoint(
             nc, self.name, self.settings.replica_id, self.capacity, self._counted, self.request_type,
             peer_timeout=self.settings.peer_timeout_seconds, stream_spans=self.stream_spans,
-            on_refused=self._refused,
+            on_refused=self._refused, in_flight=lambda: self.active,
         )
         await self.endpoint.start()
 
@@ -95,7 +99,7 @@ class Stage:
         try:
             async for response in self.stream(requests, context):
                 yield response
-        except StageError as exc:
+        except ServiceError as exc:
             if self.meters:
                 self.meters.errors.add(1, {"stage": self.name, "code": exc.code.name})
             raise
@@ -106,9 +110,17 @@ class Stage:
 
     async def serve_grpc(self, requests: AsyncIterator, context: grpc.aio.ServicerContext) -> AsyncIterator:
         """A gRPC call of the stage's own API: same function, same capacity."""
+        if self.endpoint and self.endpoint.draining:
+            await end_call(context, requests, grpc.StatusCode.UNAVAILABLE,
+                           f"{self.name} replica {self.settings.replica_id} is draining; call another")
+            return
         if self.active >= self.capacity:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name} is at capacity ({self.capacity} streams); retry shortly")
+            self._refused()
+            await end_call(context, requests, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"{self.name} is at capacity ({self.capacity} streams); retry shortly")
+            return
         self._grpc_active += 1
+        await self._load_changed()
         stream_context = StreamContext(f"grpc-{time.monotonic_ns()}", "", dict(context.invocation_metadata() or ()))
         span = None
         try:
@@ -122,7 +134,16 @@ class Stage:
                             yield response
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             error = as_stage_error(exc, self.name)
-            await context.abort(error.code, error.message)
+            await end_call(context, requests, error.code, error.message)
         finally:
             telemetry.end_span(span)
             self._grpc_active -= 1
+            await self._load_changed()
+
+    async def _load_changed(self) -> None:
+        """A gRPC call began or ended: the NATS endpoint joins or leaves its queue group."""
+        if self.endpoint:
+            with contextlib.suppress(Exception):
+                await self.endpoint.update_queue_membership()
+
+

@@ -13,6 +13,7 @@ with a retry hint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import time
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from voicestack.errors import StageError
+from voicestack.errors import ServiceError
 
 DEFAULT_SESSIONS = 20
 DEFAULT_PER_MINUTE = 60
@@ -86,26 +87,33 @@ class Admission:
         for key in self.keys:
             if hmac.compare_digest(key.sha256, offered):
                 return key
-        raise StageError(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
+        raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
 
-    def admit(self, key: ApiKey | None) -> None:
+    @contextlib.contextmanager
+    def admitted(self, key: ApiKey | None):
+        """The call holds a place under its key's limits for the block."""
+        self._admit(key)
+        try:
+            yield
+        finally:
+            if key is not None:
+                key.active -= 1
+
+    def _admit(self, key: ApiKey | None) -> None:
         if key is None:
             return
         now = time.monotonic()
         while key.recent_opens and now - key.recent_opens[0] > 60:
             key.recent_opens.popleft()
         if key.active >= key.max_sessions:
-            raise StageError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"API key {key.name!r} has {key.active} sessions open, its limit; "
                              "close one or retry in a few seconds")
         if len(key.recent_opens) >= key.per_minute:
             retry = int(60 - (now - key.recent_opens[0])) + 1
-            raise StageError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"API key {key.name!r} opened {key.per_minute} sessions in the last minute, "
                              f"its limit; retry in {retry} s")
         key.active += 1
         key.recent_opens.append(now)
 
-    def release(self, key: ApiKey | None) -> None:
-        if key is not None:
-            key.active -= 1

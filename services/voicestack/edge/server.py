@@ -4,6 +4,7 @@ client that opens stage streams for every session."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -17,14 +18,17 @@ from voicestack.bus import TTS_VOICES_SUBJECT, StageClient
 from voicestack.config import Settings
 from voicestack.edge.admission import Admission
 from voicestack.edge.session import Session
-from voicestack.errors import StageError, invalid
+from voicestack.errors import ServiceError, StageError, invalid
+from voicestack.runtime import end_call
 from voicestack.v1 import audio_pb2, edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 TTS_SAMPLE_RATE = 24000
 MAX_SYSTEM_PROMPT_CHARS = 4000
+MAX_GREETING_CHARS = 1000  # spoken before anything else: a paragraph, not a document
 MAX_FRAME_MS = 100
+MIN_FRAME_MS = 5  # shorter frames lose samples to resampling
 SLOW_CLIENT_SECONDS = 10.0
 # A call that sends no SessionConfig holds a session place (and its key's) for nothing.
 FIRST_MESSAGE_SECONDS = 10.0
@@ -60,12 +64,17 @@ def validate_config(config: edge_pb2.SessionConfig) -> None:
         raise invalid(f"system_prompt is over {MAX_SYSTEM_PROMPT_CHARS} characters")
     if len(config.voice) > 64:
         raise invalid("voice name is over 64 characters")
+    if len(config.greeting) > MAX_GREETING_CHARS:
+        raise invalid(f"greeting is {len(config.greeting)} characters, over {MAX_GREETING_CHARS}; keep it to a few sentences")
     e = config.endpointing
     for name, value, low, high in (("silence_ms", e.silence_ms, 100, 5000),
                                    ("min_speech_ms", e.min_speech_ms, 0, 2000),
-                                   ("max_utterance_ms", e.max_utterance_ms, 1000, 60000)):
+                                   ("max_utterance_ms", e.max_utterance_ms, 1000, 60000),
+                                   ("speculative_pause_ms", e.speculative_pause_ms, 100, 2000)):
         if value and not low <= value <= high:
             raise invalid(f"endpointing.{name} {value} is out of range {low}-{high} (0 = default)")
+    if not 0 <= config.interruption.min_speech_ms <= 5000:
+        raise invalid(f"interruption.min_speech_ms {config.interruption.min_speech_ms} is out of range 0-5000 (0 = default)")
     if not 0 <= config.max_reply_tokens <= 1024:
         raise invalid("max_reply_tokens must be 0-1024")
 
@@ -77,7 +86,9 @@ def validate_frame(pcm: bytes, sample_rate: int) -> None:
         raise invalid(f"audio frame has an odd byte count ({len(pcm)}); PCM16 samples are 2 bytes each")
     frame_ms = len(pcm) / 2 / sample_rate * 1000
     if frame_ms > MAX_FRAME_MS:
-        raise invalid(f"audio frame of {frame_ms:.0f} ms is over {MAX_FRAME_MS} ms; send 20-100 ms frames")
+        raise invalid(f"audio frame of {frame_ms:.2f} ms is over {MAX_FRAME_MS} ms; send 20-100 ms frames")
+    if frame_ms < MIN_FRAME_MS:
+        raise invalid(f"audio frame of {frame_ms:.2f} ms is under {MIN_FRAME_MS} ms; send 20-100 ms frames")
 
 
 class EdgeService:
@@ -89,7 +100,9 @@ class EdgeService:
         self.capacity = settings.capacity
         self.admission = Admission(settings.api_keys_file)
         self.sessions: dict[str, Session] = {}
-        self.starting = 0  # calls admitted whose session is not in `sessions` yet
+        self.calls = 0  # calls holding a place: admitted, starting or talking
+        self._no_calls = asyncio.Event()
+        self._no_calls.set()
         self.stages: StageClient | None = None
         self.meters = None
         self.draining = False
@@ -100,7 +113,27 @@ class EdgeService:
 
     @property
     def active(self) -> int:
-        return len(self.sessions) + self.starting
+        return self.calls
+
+    @contextlib.contextmanager
+    def place(self):
+        self.calls += 1
+        self._no_calls.clear()
+        try:
+            yield
+        finally:
+            self.calls -= 1
+            if not self.calls:
+                self._no_calls.set()
+
+    @contextlib.contextmanager
+    def listed(self, session: Session):
+        """In `sessions` (for GoAway on drain) while the call lasts."""
+        self.sessions[session.id] = session
+        try:
+            yield
+        finally:
+            self.sessions.pop(session.id, None)
 
     def describe(self) -> dict:
         return {"model": "-", "device": "cpu"}
@@ -133,26 +166,33 @@ class EdgeService:
         """Tell every client to move (GoAway), let sessions end until the deadline."""
         self.draining = True
         for session in list(self.sessions.values()):
-            session.emit(go_away=edge_pb2.GoAway(reason="edge replica is shutting down; reconnect",
-                                                 deadline_ms=int(deadline_seconds * 1000)))
-        end = asyncio.get_running_loop().time() + deadline_seconds
-        while self.sessions and asyncio.get_running_loop().time() < end:
-            await asyncio.sleep(0.1)
+            session.output.send(go_away=edge_pb2.GoAway(reason="edge replica is shutting down; reconnect",
+                                                        deadline_ms=int(deadline_seconds * 1000)))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._no_calls.wait(), deadline_seconds)
         if self.stages:
             await self.stages.close()
 
     async def check_voice(self, voice: str) -> None:
         """Refuse an unknown voice at session start, not at the first reply. The TTS
-        replicas answer "vs.tts.voices" (a queue group); the list is kept for a minute."""
+        replicas answer "vs.tts.voices" (a queue group); the list is kept for a minute,
+        and a busy replica that answers late leaves the last list in use."""
         if not voice:
             return
         now = time.monotonic()
         if now - self._voices_at > 60:
-            try:
-                reply = await self.stages.nc.request(TTS_VOICES_SUBJECT, b"", timeout=2.0)
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                raise StageError(grpc.StatusCode.UNAVAILABLE, "no tts replica is available", "tts") from None
-            self._voices, self._voices_at = set(json.loads(reply.data)), now
+            for attempt in range(2):
+                try:
+                    reply = await self.stages.nc.request(TTS_VOICES_SUBJECT, b"", timeout=2.0)
+                except nats.errors.NoRespondersError:
+                    raise StageError(grpc.StatusCode.UNAVAILABLE, "no tts replica is available", "tts") from None
+                except nats.errors.TimeoutError:
+                    continue
+                self._voices, self._voices_at = set(json.loads(reply.data)), now
+                break
+            else:
+                if not self._voices:
+                    raise StageError(grpc.StatusCode.UNAVAILABLE, "no tts replica answered; retry shortly", "tts")
         if voice not in self._voices:
             raise invalid(f"unknown voice {voice!r}; available: {', '.join(sorted(self._voices))}")
 
@@ -163,76 +203,57 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
 
     async def Converse(self, request_iterator, context: grpc.aio.ServicerContext):
         edge = self.edge
-        session = reader = key = None
-        admitted = starting = False
-
-        async def release() -> None:
-            nonlocal session, reader, admitted, starting
-            if starting:
-                edge.starting -= 1
-                starting = False
-            if reader:
-                reader.cancel()
-                reader = None
-            if session:
-                edge.sessions.pop(session.id, None)
-                ending, session = session, None
-                await ending.close()
-            if admitted:
-                edge.admission.release(key)
-                admitted = False
-
-        try:
-            # Read the first message before refusing anything: a call refused while its
-            # first message is still on the way reaches the client as INTERNAL, not as
-            # the status we chose.
+        session = None
+        async with contextlib.AsyncExitStack() as held:
             try:
-                first = await asyncio.wait_for(anext(aiter(request_iterator), None), FIRST_MESSAGE_SECONDS)
-            except asyncio.TimeoutError:
-                raise invalid(f"no SessionConfig within {FIRST_MESSAGE_SECONDS:.0f} s of the call's start") from None
-            key = edge.admission.authenticate(context.invocation_metadata())
-            if edge.draining:
-                raise StageError(grpc.StatusCode.UNAVAILABLE, "edge is draining; reconnect to another replica")
-            if edge.active >= edge.capacity:
-                raise StageError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"edge is at its session limit ({edge.capacity}); retry in a few seconds")
-            edge.admission.admit(key)
-            admitted = True
-            # The place is taken now, before the awaits below: calls arriving together
-            # must not all pass the check above.
-            edge.starting += 1
-            starting = True
-            if isinstance(first, Malformed):
-                raise invalid("malformed ConverseRequest: not a valid protobuf (check the message type and UTF-8 strings)")
-            if first is None or first.WhichOneof("kind") != "config":
-                raise invalid("the first message must be a SessionConfig; send it before any audio")
-            validate_config(first.config)
-            await edge.check_voice(first.config.voice)
-            session = Session(uuid.uuid4().hex, edge.stages, first.config, edge.settings, edge.meters)
-            edge.sessions[session.id] = session
-            edge.starting -= 1
-            starting = False
-            await session.start()
-            await self._write(context, edge_pb2.ConverseResponse(session_started=edge_pb2.SessionStarted(
-                session_id=session.id, output_sample_rate_hz=TTS_SAMPLE_RATE)))
-            reader = asyncio.create_task(self._read_client(request_iterator, session))
-            while (event := await session.events.get()) is not None and session.failure is None:
-                await self._write(context, event)
-            if session.failure:
-                raise session.failure
-            edge.served += 1
-        except StageError as error:
-            if session is None:
-                edge.refused += 1
-            else:
-                edge.errors += 1
-            # Free the session first: to a client that stopped reading, the status is
-            # queued behind the audio it has not read, and abort() waits until it reads
-            # (or goes away); meanwhile it must hold no stage streams and no places.
-            await release()
-            await context.abort(error.code, str(error))
-        finally:
-            await release()
+                # Read the first message before refusing anything: a call refused while its
+                # first message is still on the way reaches the client as INTERNAL.
+                try:
+                    first = await asyncio.wait_for(anext(aiter(request_iterator), None), FIRST_MESSAGE_SECONDS)
+                except asyncio.TimeoutError:
+                    raise invalid(f"no SessionConfig within {FIRST_MESSAGE_SECONDS:.0f} s of the call's start") from None
+                key = edge.admission.authenticate(context.invocation_metadata())
+                if edge.draining:
+                    raise ServiceError(grpc.StatusCode.UNAVAILABLE, "edge is draining; reconnect to another replica")
+                if edge.active >= edge.capacity:
+                    raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                       f"edge is at its session limit ({edge.capacity}); retry in a few seconds")
+                held.enter_context(edge.admission.admitted(key))
+                # The place is taken now, before the awaits below: calls arriving together
+                # must not all pass the check above.
+                held.enter_context(edge.place())
+                if isinstance(first, Malformed):
+                    raise invalid("malformed ConverseRequest: not a valid protobuf (check the message type and UTF-8 strings)")
+                if first is None or first.WhichOneof("kind") != "config":
+                    raise invalid("the first message must be a SessionConfig; send it before any audio")
+                validate_config(first.config)
+                await edge.check_voice(first.config.voice)
+                session = await held.enter_async_context(
+                    Session(uuid.uuid4().hex, edge.stages, first.config, edge.settings, edge.meters))
+                held.enter_context(edge.listed(session))
+                await self._write(context, edge_pb2.ConverseResponse(session_started=edge_pb2.SessionStarted(
+                    session_id=session.id, output_sample_rate_hz=TTS_SAMPLE_RATE)))
+                reader = asyncio.create_task(self._read_client(request_iterator, session))
+                held.callback(reader.cancel)
+                while (event := await session.output.next()) is not None:
+                    await self._write(context, event)
+                if session.output.failure:
+                    raise session.output.failure
+                edge.served += 1
+            except ServiceError as error:
+                if session is None:
+                    edge.refused += 1
+                else:
+                    edge.errors += 1
+                # Free the session first: to a client that stopped reading, the status is
+                # queued behind the audio it has not read; meanwhile it must hold no stage
+                # streams and no places.
+                await held.aclose()
+                await end_call(context, request_iterator, error.code, str(error))
+            except asyncio.CancelledError:
+                if session is not None and session.output.failure is None:
+                    edge.served += 1  # the client hung up: a call that ended normally from its side
+                raise
 
     async def _write(self, context, event) -> None:
         # A client that stops reading fills gRPC's window and then this wait: end its
@@ -240,12 +261,22 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         try:
             await asyncio.wait_for(context.write(event), SLOW_CLIENT_SECONDS)
         except asyncio.TimeoutError:
-            raise StageError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"client read nothing for {SLOW_CLIENT_SECONDS:.0f} s; session ended") from None
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"client read nothing for {SLOW_CLIENT_SECONDS:.0f} s; session ended") from None
 
     async def _read_client(self, request_iterator, session: Session) -> None:
+        idle = self.edge.settings.idle_timeout_seconds
+        requests = aiter(request_iterator)
         try:
-            async for request in request_iterator:
+            while True:
+                try:
+                    request = await asyncio.wait_for(anext(requests, None), idle)
+                except asyncio.TimeoutError:
+                    raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       f"no audio for {idle:.0f} s; a live microphone sends frames "
+                                       "(silence too) all the time; reconnect to talk again") from None
+                if request is None:
+                    break
                 kind = request.WhichOneof("kind")
                 if kind == "audio":
                     validate_frame(request.audio.pcm, session.input_rate)
@@ -258,11 +289,11 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                     raise invalid("malformed ConverseRequest: not a valid protobuf (check the message type and UTF-8 strings)")
                 else:
                     raise invalid("empty ConverseRequest; set config, audio or playback")
-            await session.finish_input()
-        except StageError as error:
+            session.finish_input()
+        except ServiceError as error:
             session.fail(error)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - a broken client stream ends its session, not the server
             log.warning("session %s: client stream failed: %s", session.id, error)
-            session.fail(StageError(grpc.StatusCode.CANCELLED, "client stream ended"))
+            session.fail(ServiceError(grpc.StatusCode.CANCELLED, "client stream ended"))

@@ -2,10 +2,13 @@
 
 The LLM stage talks only to `LlmEngine`, so the embedded CPU model (llama.cpp in this
 process) and a production vLLM server (OpenAI-compatible HTTP) are interchangeable.
-Both stream text as tokens are produced, and both stop within one token when the
-consumer closes the stream (`await agen.aclose()`, or `contextlib.aclosing`) or its task
-is cancelled: barge-in depends on that, a reply nobody will hear must not keep a replica
-busy.
+Both stream text as tokens are produced, and both stop within one token (or one slice of
+a long prompt's evaluation) when the consumer closes the stream (`await agen.aclose()`,
+or `contextlib.aclosing`) or its task is cancelled: barge-in depends on that, a reply
+nobody will hear must not keep a replica busy.
+
+`FixedLlm` is the benchmarks-only stand-in (settings.cheap_engines); `build_engine(settings)`
+picks one of the three.
 """
 
 from __future__ import annotations
@@ -18,17 +21,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Protocol
 
+import grpc
 import httpx
 
 from voicestack import models
+from voicestack.config import Settings
+from voicestack.errors import ServiceError
 
 
 REPEAT_PENALTY = 1.2
 SEED = 1234
+# llama.cpp evaluates a whole prompt in one call; on CPU it gets slices this long, so that a
+# stop lands in between. Measured on 2 cores: 64 tokens take 0.35 s, and 1200 tokens took
+# 8.1-8.5 s in slices of 64 against 6.9-9.2 s in llama.cpp's own 512 (noise).
+PROMPT_SLICE_TOKENS = 64
+REPLY = "The capital of France is Paris, a city on the Seine."  # all FixedLlm ever says
 
 
-class LlmUnavailable(RuntimeError):
-    """The model server could not be reached or refused the request."""
+class LlmUnavailable(ServiceError):
+    """The model server could not be reached, refused the request or dropped the stream.
+
+    UNAVAILABLE, not INTERNAL: the edge takes it as "try another replica" and fails over.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message)
 
 
 @dataclass
@@ -37,6 +54,10 @@ class Delta:
     finish_reason: str = ""  # set on the last delta: "stop" | "length"
     completion_tokens: int = 0  # running count (on the last delta: total)
     prompt_tokens: int = 0
+
+
+class _Stopped(Exception):
+    """The stream's consumer is gone: raised out of llama.cpp's evaluation to abandon it."""
 
 
 class LlmEngine(Protocol):
@@ -88,8 +109,15 @@ class LlamaCppEngine:
         )
         if prefix_cache_mb:
             self._llm.set_cache(_ram_cache(prefix_cache_mb << 20))
+        # Every evaluation, the prompt's and each sampled token's, goes through
+        # _eval_unless_stopped: llama-cpp-python offers no other way into the prompt's.
+        # A GPU evaluates a whole batch in milliseconds; smaller slices would only slow it.
+        self._eval = self._llm.eval
+        self._llm.eval = self._eval_unless_stopped
+        self._slice = PROMPT_SLICE_TOKENS if device == "cpu" else self._llm.n_batch
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self._stops: set[threading.Event] = set()
+        self._running_stop = threading.Event()  # the stop of the stream on the worker now
         self.tokens_generated = 0  # all tokens ever sampled; tests watch it stop on cancel
 
     async def stream(self, messages: list[dict], max_tokens: int, temperature: float) -> AsyncIterator[Delta]:
@@ -115,12 +143,24 @@ class LlamaCppEngine:
             self._stops.discard(stop)
             job.cancel()  # only succeeds while still queued behind another stream
             # Wait for the worker to leave the model, so the next stream (and the
-            # tokens_generated counter) sees it idle; at most one token's time.
+            # tokens_generated counter) sees it idle; at most one token's or prompt slice's time.
             await asyncio.wait([asyncio.wrap_future(job)])
+
+    def _eval_unless_stopped(self, tokens) -> None:
+        """Llama.eval a slice at a time, giving up between two once the stream is stopped.
+
+        What was evaluated stays in the KV cache and counts in n_tokens, so the next prompt
+        reuses the prefix as usual.
+        """
+        for start in range(0, len(tokens), self._slice):
+            if self._running_stop.is_set():
+                raise _Stopped
+            self._eval(tokens[start: start + self._slice])
 
     def _generate(self, messages, max_tokens, temperature, stop: threading.Event, put: Callable) -> None:
         if stop.is_set():
             return
+        self._running_stop = stop
         chunks = None
         try:
             chunks = self._llm.create_chat_completion(
@@ -147,6 +187,8 @@ class LlamaCppEngine:
                 self.tokens_generated += 1
                 if text := choice["delta"].get("content"):
                     put(Delta(text, completion_tokens=n, prompt_tokens=prompt))
+        except _Stopped:
+            pass  # nobody is waiting for this reply any more
         except Exception as exc:  # handed to the consumer, raised there
             put(exc)
         finally:
@@ -214,7 +256,9 @@ class OpenAIEngine:
                     data = line[5:].strip()
                     if data == "[DONE]":
                         break
-                    chunk = json.loads(data)
+                    chunk = _chunk(data)
+                    if chunk is None:  # e.g. the last line cut short by a dropped connection
+                        raise LlmUnavailable(f"{self._url} sent a malformed chunk: {data[:200]!r}")
                     if "error" in chunk:
                         raise LlmUnavailable(f"{self._url} failed mid-stream: {chunk['error']}")
                     for choice in chunk.get("choices") or []:
@@ -224,11 +268,55 @@ class OpenAIEngine:
                         finish = choice.get("finish_reason") or finish
                     if usage := chunk.get("usage"):  # exact; without it the delta count stands in
                         n, prompt = usage.get("completion_tokens", n), usage.get("prompt_tokens", 0)
-        except httpx.TransportError as exc:  # refused, reset, timed out
-            raise LlmUnavailable(f"{self._url} unreachable: {type(exc).__name__}: {exc}") from exc
+        except httpx.RequestError as exc:
+            # Refused, reset, dropped mid-stream (RemoteProtocolError), stalled (ReadTimeout),
+            # a body that will not decode: all mean "this server, not this request".
+            raise LlmUnavailable(f"{self._url} unreachable or dropped the stream: {type(exc).__name__}: {exc}") from exc
         if not finish:
             raise LlmUnavailable(f"{self._url} ended the stream without a finish_reason")
         yield Delta("", finish, n, prompt)
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _chunk(data: str) -> dict | None:
+    """One SSE data line as a JSON object; None when it is not one."""
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return None
+    return chunk if isinstance(chunk, dict) else None
+
+
+class FixedLlm:
+    """BENCHMARKS ONLY (cheap_engines): LlmEngine's interface; the same reply, a word per Delta,
+    at once. It measures the edge and the bus, never whether a reply makes sense."""
+
+    model_name = "cheap-fixed-reply"
+
+    def __init__(self, reply: str = REPLY):
+        self.reply = reply
+
+    async def stream(self, messages: list[dict], max_tokens: int, temperature: float) -> AsyncIterator[Delta]:
+        words = self.reply.split(" ")[: max(1, max_tokens)]
+        prompt = sum(len(m.get("content", "").split()) for m in messages)
+        for n, word in enumerate(words, 1):
+            await asyncio.sleep(0)  # a real engine yields to the loop between tokens
+            yield Delta(word if n == 1 else " " + word, completion_tokens=n, prompt_tokens=prompt)
+        yield Delta("", "stop" if len(words) == len(self.reply.split(" ")) else "length", len(words), prompt)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def build_engine(settings: Settings) -> LlmEngine:
+    if settings.cheap_engines:
+        return FixedLlm()
+    if settings.llm_engine == "openai":
+        if not settings.llm_url:
+            raise SystemExit("llm: --llm-url (VOICESTACK_LLM_URL) is required with --llm-engine openai")
+        return OpenAIEngine(settings.llm_url, settings.llm_model or "default", api_key=settings.llm_api_key)
+    if settings.llm_engine == "llamacpp":
+        return LlamaCppEngine(settings.llm_model or None, threads=settings.threads, device=settings.device)
+    raise SystemExit(f"llm: unknown engine {settings.llm_engine!r}; use llamacpp or openai")

@@ -10,7 +10,8 @@ from opentelemetry import trace
 
 from voicestack.config import Settings
 from voicestack.errors import invalid
-from voicestack.llm.engine import LlamaCppEngine, OpenAIEngine
+from voicestack.llm import CONTRACT
+from voicestack.llm.engine import build_engine
 from voicestack.stage import Stage, one_request
 from voicestack.v1 import llm_pb2, llm_pb2_grpc
 
@@ -22,16 +23,6 @@ ROLES = {
 MAX_MESSAGES = 200
 MAX_CONTENT_CHARS = 8000
 MAX_TOKENS = 1024
-
-
-def build_engine(settings: Settings):
-    if settings.llm_engine == "openai":
-        if not settings.llm_url:
-            raise SystemExit("llm: --llm-url (VOICESTACK_LLM_URL) is required with --llm-engine openai")
-        return OpenAIEngine(settings.llm_url, settings.llm_model or "default", api_key=settings.llm_api_key)
-    if settings.llm_engine == "llamacpp":
-        return LlamaCppEngine(settings.llm_model or None, threads=settings.threads, device=settings.device)
-    raise SystemExit(f"llm: unknown engine {settings.llm_engine!r}; use llamacpp or openai")
 
 
 def chat_messages(request: llm_pb2.GenerateRequest) -> list[dict]:
@@ -50,14 +41,13 @@ def chat_messages(request: llm_pb2.GenerateRequest) -> list[dict]:
 
 
 class LlmStage(Stage):
-    name = "llm"
-    request_type = llm_pb2.GenerateRequest
+    name = CONTRACT.name
+    request_type = CONTRACT.request_type
     grpc_service_names = [llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name]
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        from voicestack import cheap  # benchmarks only: see cheap.py
-        self.engine = cheap.FixedLlm() if settings.cheap_engines else build_engine(settings)
+        self.engine = build_engine(settings)
 
     def describe(self) -> dict:
         return {"model": self.engine.model_name, "device": self.settings.device, "engine": self.settings.llm_engine}

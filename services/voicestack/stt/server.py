@@ -7,25 +7,18 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from opentelemetry import trace
 
 from voicestack.audio import PIPELINE_RATE, pcm16_to_float
 from voicestack.config import Settings
 from voicestack.errors import invalid
 from voicestack.stage import Stage, first_message
-from voicestack.stt.engine import WhisperEngine
+from voicestack.stt import CONTRACT
+from voicestack.stt.engine import DecodeSchedule, build_engine
 from voicestack.v1 import stt_pb2, stt_pb2_grpc
 
 MAX_CHUNK_BYTES = PIPELINE_RATE * 2  # one second
 MAX_UTTERANCE_SECONDS = 60.0
-# Interim decodes re-read the whole utterance; one per this much new audio keeps
-# them from starving the final decode on a small CPU.
-INTERIM_EVERY_SECONDS = 0.8
-PAUSE_BYTES = int(0.2 * PIPELINE_RATE) * 2  # quiet this long after speech starts a decode
-SILENCE_FLOOR = 0.003  # RMS below this is silence whatever the speaker's level
-QUIET_FRACTION = 0.05  # ... and so is anything 26 dB below the loudest chunk so far
 
 
 @dataclass
@@ -35,53 +28,14 @@ class _Decode:
     reported: bool = False
 
 
-def rms(pcm: bytes) -> float:
-    samples = pcm16_to_float(pcm)
-    return float(np.sqrt(np.mean(samples * samples))) if samples.size else 0.0
-
-
-class DecodeSchedule:
-    """When to decode an utterance while it arrives: as soon as speech pauses (so that if the
-    turn ends there, the final transcript is ready, or nearly, when the end arrives) and every
-    INTERIM_EVERY_SECONDS of new audio for interim results. Byte counts only, no clock:
-    load/baseline.py replays the same schedule on the audio's clock."""
-
-    def __init__(self, pause_decode: bool, interim: bool):
-        self.pause_decode, self.interim = pause_decode, interim
-        self.length = 0  # bytes of audio so far
-        self.speech_end = 0  # bytes: just past the last chunk that sounded like speech
-        self.loudest = 0.0
-
-    def add(self, pcm: bytes) -> None:
-        self.length += len(pcm)
-        level = rms(pcm)
-        self.loudest = max(self.loudest, level)
-        if level > max(SILENCE_FLOOR, QUIET_FRACTION * self.loudest):
-            self.speech_end = self.length
-
-    def due(self, decoded: int) -> bool:
-        """Start a decode now? (The last one covered `decoded` bytes and is done.)"""
-        paused = self.pause_decode and self.speech_end > decoded and self.length - self.speech_end >= PAUSE_BYTES
-        interim = self.interim and self.length - decoded >= INTERIM_EVERY_SECONDS * PIPELINE_RATE * 2
-        return paused or interim
-
-    def final(self, covers: int) -> bool:
-        """Is a decode of the first `covers` bytes the final transcript (nothing but quiet since)?"""
-        return self.pause_decode and covers >= self.speech_end
-
-
 class SttStage(Stage):
-    name = "stt"
-    request_type = stt_pb2.TranscribeRequest
+    name = CONTRACT.name
+    request_type = CONTRACT.request_type
     grpc_service_names = [stt_pb2.DESCRIPTOR.services_by_name["SttService"].full_name]
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        from voicestack import cheap  # benchmarks only: see cheap.py
-        self.engine = cheap.FixedStt() if settings.cheap_engines else WhisperEngine(
-            model=settings.stt_model or None, device=settings.device,
-            compute_type="int8" if settings.device == "cpu" else "float16", threads=settings.threads,
-        )
+        self.engine = build_engine(settings)
 
     def describe(self) -> dict:
         return {"model": self.settings.stt_model or "whisper-tiny.en", "device": self.settings.device}

@@ -7,6 +7,10 @@ the phonemes become Kokoro token ids, and the model turns them into 24 kHz audio
 The interface is deliberately narrow (sample_rate, voices(), default_voice,
 synthesize()) so that a GPU engine can replace this one without the server
 noticing. The engine does no timing and knows nothing about gRPC or NATS.
+
+Also here, as pure logic load/baseline.py reuses: `split_clauses`, how the stage cuts
+streamed text into clauses to speak. `SilentTts` is the benchmarks-only stand-in
+(settings.cheap_engines); `build_engine(settings)` picks the engine.
 """
 
 from __future__ import annotations
@@ -18,15 +22,41 @@ import threading
 import numpy as np
 
 from voicestack import models
+from voicestack.config import Settings
 
 # The model's context is 512 tokens; two of them are the padding ids around a chunk.
 MAX_TOKENS = 510
 # Where a phoneme string may be cut without cutting a word: after punctuation first.
-_CLAUSE_END = re.compile(r"(?<=[.!?;:,—…])\s+")
+_PHONEME_BREAK = re.compile(r"(?<=[.!?;:,—…])\s+")
+# Where streamed text is ready to speak: a sentence end, or a comma/semicolon/colon once
+# the clause is long enough to sound natural on its own.
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*\s")
+_CLAUSE_END = re.compile(r"[,;:]\s")
+MIN_CLAUSE_WORDS = 4
+SECONDS_PER_CHAR = 0.065  # SilentTts: about how fast Kokoro speaks English text
 
 # espeak-ng output, rewritten for symbols Kokoro's vocab lacks (as Kokoro's own
 # espeak front end does); anything else unknown is dropped.
 _SUBSTITUTIONS = (("ʲ", "j"), ("r", "ɹ"), ("x", "k"), ("ɬ", "l"))
+
+
+def split_clauses(text: str, final: bool = False, clauses: bool = True) -> tuple[list[str], str]:
+    """Clauses (or, with clauses=False, sentences) ready to speak, and the rest still being written."""
+    ready = []
+    while True:
+        match = _SENTENCE_END.search(text)
+        clause = _CLAUSE_END.search(text) if clauses else None
+        if clause and (not match or clause.start() < match.start()) and len(text[: clause.end()].split()) >= MIN_CLAUSE_WORDS:
+            match = clause
+        if not match:
+            break
+        head, text = text[: match.end()].strip(), text[match.end():]
+        if head:
+            ready.append(head)
+    if final and text.strip():
+        ready.append(text.strip())
+        text = ""
+    return ready, text
 
 
 def _load_phonemizer():
@@ -72,7 +102,7 @@ def _session(device: str, threads: int):
 def _chunks(tokens_of, phonemes: str) -> list[list[int]]:
     """Token chunks of at most MAX_TOKENS, cut at clause ends, else at spaces."""
     pieces = []
-    for clause in _CLAUSE_END.split(phonemes):
+    for clause in _PHONEME_BREAK.split(phonemes):
         if len(tokens_of(clause)) <= MAX_TOKENS:
             pieces.append(clause)
         else:
@@ -144,3 +174,29 @@ class KokoroEngine:
         if not audio:
             return np.zeros(0, np.int16)
         return (np.clip(np.concatenate(audio), -1.0, 1.0) * 32767).astype(np.int16)
+
+
+class SilentTts:
+    """BENCHMARKS ONLY (cheap_engines): KokoroEngine's interface; silence as long as the text
+    would take to say. It measures the edge and the bus, never whether anything is spoken."""
+
+    sample_rate = 24000
+    default_voice = "silence"
+
+    def voices(self) -> list[str]:
+        return [self.default_voice]
+
+    def synthesize(self, text: str, voice: str = "", speed: float = 1.0) -> np.ndarray:
+        voice = voice or self.default_voice
+        if voice not in self.voices():
+            raise ValueError(f"unknown voice {voice!r}; available: {', '.join(self.voices())}")
+        if not speed > 0:
+            raise ValueError(f"speed must be positive, got {speed}")
+        seconds = len(text.strip()) * SECONDS_PER_CHAR / speed
+        return np.zeros(int(seconds * self.sample_rate), np.int16)
+
+
+def build_engine(settings: Settings) -> KokoroEngine | SilentTts:
+    if settings.cheap_engines:
+        return SilentTts()
+    return KokoroEngine(device=settings.device, threads=settings.threads)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 
 from opentelemetry import trace
@@ -14,46 +13,22 @@ from voicestack.bus import TTS_VOICES_SUBJECT
 from voicestack.config import Settings
 from voicestack.errors import invalid
 from voicestack.stage import Stage, first_message
-from voicestack.tts.engine import KokoroEngine
+from voicestack.tts import CONTRACT
+from voicestack.tts.engine import build_engine, split_clauses
 from voicestack.v1 import audio_pb2, tts_pb2, tts_pb2_grpc
 
 CHUNK_SECONDS = 0.1  # agent audio leaves in 100 ms chunks: barge-in drops at most that much queued
 MAX_PENDING_CHARS = 4000
-# A clause boundary: sentence end, or a comma/semicolon/colon once the clause is
-# long enough to sound natural on its own.
-_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*\s")
-_CLAUSE_END = re.compile(r"[,;:]\s")
-MIN_CLAUSE_WORDS = 4
-
-
-def split_clauses(text: str, final: bool = False, clauses: bool = True) -> tuple[list[str], str]:
-    """Clauses (or, with clauses=False, sentences) ready to speak, and the rest still being written."""
-    ready = []
-    while True:
-        match = _SENTENCE_END.search(text)
-        clause = _CLAUSE_END.search(text) if clauses else None
-        if clause and (not match or clause.start() < match.start()) and len(text[: clause.end()].split()) >= MIN_CLAUSE_WORDS:
-            match = clause
-        if not match:
-            break
-        head, text = text[: match.end()].strip(), text[match.end():]
-        if head:
-            ready.append(head)
-    if final and text.strip():
-        ready.append(text.strip())
-        text = ""
-    return ready, text
 
 
 class TtsStage(Stage):
-    name = "tts"
-    request_type = tts_pb2.SynthesizeRequest
+    name = CONTRACT.name
+    request_type = CONTRACT.request_type
     grpc_service_names = [tts_pb2.DESCRIPTOR.services_by_name["TtsService"].full_name]
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        from voicestack import cheap  # benchmarks only: see cheap.py
-        self.engine = cheap.SilentTts() if settings.cheap_engines else KokoroEngine(device=settings.device, threads=settings.threads)
+        self.engine = build_engine(settings)
         self.voices = set(self.engine.voices())
 
     def describe(self) -> dict:

@@ -5,6 +5,9 @@ gets its own `VadStream` with the model's recurrent state, so many concurrent
 streams share one model. The stream turns per-frame speech probabilities into
 events (started / paused / resumed / ended) whose offsets are positions in the
 stream's own audio, so the edge can time spans from the audio, not the clock.
+
+`EnergyVad` is the benchmarks-only stand-in (settings.cheap_engines): loudness in
+place of the model. `build_engine(settings)` picks one of the two.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import numpy as np
 
 from voicestack import models
 from voicestack.audio import VAD_WINDOW_SAMPLES
+from voicestack.config import Settings
 
 SAMPLE_RATE = 16000
 CONTEXT_SAMPLES = 64  # Silero v6 sees the tail of the previous frame in front of each new one
 MAX_BATCH_FRAMES = 1024  # bounds memory when a caller feeds a long recording at once
+ENERGY_THRESHOLD = 0.01  # EnergyVad: RMS of a 32 ms frame (full scale 1.0) above it is "speech"
 
 STARTED, ENDED, PAUSED, RESUMED = "speech_started", "speech_ended", "speech_paused", "speech_resumed"
 
@@ -60,13 +65,41 @@ class SileroVad:
         return p.reshape(-1), h, c
 
 
+class EnergyVad:
+    """BENCHMARKS ONLY (cheap_engines): SileroVad's interface with RMS energy in place of the model.
+
+    It measures the edge and the bus, never whether speech is detected: any loud noise is
+    "speech". The streams are the real `VadStream`s (same segmenter, events and offsets);
+    only the per-frame speech probability is replaced: 1.0 when the frame is loud.
+    """
+
+    FRAME_SAMPLES = VAD_WINDOW_SAMPLES  # VadStream cuts the same windows as for Silero
+
+    def __init__(self, threshold: float = ENERGY_THRESHOLD):
+        self.threshold = threshold
+
+    def open(self, threshold=0.5, min_silence_ms=500, min_speech_ms=100, pause_ms=0) -> VadStream:
+        return VadStream(self, threshold, min_silence_ms, min_speech_ms, pause_ms)
+
+    def _probs(self, frames: np.ndarray, h: np.ndarray, c: np.ndarray):
+        new = frames[:, CONTEXT_SAMPLES:]  # each row is 64 samples of context + the frame
+        rms = np.sqrt(np.mean(np.square(new), axis=1))
+        return (rms > self.threshold).astype(np.float32), h, c
+
+
+def build_engine(settings: Settings) -> SileroVad | EnergyVad:
+    if settings.cheap_engines:
+        return EnergyVad()
+    return SileroVad(threads=settings.threads or 1)
+
+
 class VadStream:
     """Per-stream state: model state, context, leftover samples and the segmenter.
 
     Not thread-safe: one stream belongs to one caller.
     """
 
-    def __init__(self, vad: SileroVad, threshold: float, min_silence_ms: int, min_speech_ms: int, pause_ms: int):
+    def __init__(self, vad: SileroVad | EnergyVad, threshold: float, min_silence_ms: int, min_speech_ms: int, pause_ms: int):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         if min(min_silence_ms, min_speech_ms, pause_ms) < 0:

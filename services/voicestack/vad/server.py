@@ -9,7 +9,8 @@ from voicestack.config import Settings
 from voicestack.errors import invalid
 from voicestack.stage import Stage, first_message
 from voicestack.v1 import vad_pb2, vad_pb2_grpc
-from voicestack.vad.engine import SileroVad
+from voicestack.vad import CONTRACT
+from voicestack.vad.engine import build_engine
 
 EVENT_TYPES = {
     "speech_started": vad_pb2.VAD_EVENT_TYPE_SPEECH_STARTED,
@@ -28,15 +29,14 @@ def _responses(events):
 
 
 class VadStage(Stage):
-    name = "vad"
+    name = CONTRACT.name
     stream_spans = False  # a VAD stream lasts the session; each decision gets a span instead
-    request_type = vad_pb2.DetectRequest
+    request_type = CONTRACT.request_type
     grpc_service_names = [vad_pb2.DESCRIPTOR.services_by_name["VadService"].full_name]
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        from voicestack import cheap  # benchmarks only: see cheap.py
-        self.engine = cheap.EnergyVad() if settings.cheap_engines else SileroVad(threads=settings.threads or 1)
+        self.engine = build_engine(settings)
 
     def describe(self) -> dict:
         return {"model": "silero-vad-v6", "device": "cpu"}

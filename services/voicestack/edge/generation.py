@@ -1,0 +1,292 @@
+"""Generation: one reply, as functions over streams.
+
+  perform_reply              fixed words, then (for a user turn) the LLM's answer
+  perform_llm_inference      LLM deltas -> TTS text (and AgentText to the client once released)
+  perform_tts_inference      TTS audio -> perform_audio_forwarding
+  perform_audio_forwarding   paced agent audio into the client's output lane
+
+The LLM and TTS streams of a reply are opened together and run in one TaskGroup: when
+either fails, the other is cancelled (its stage stops its work) and the reply ends with
+that one StageError, raised to the session, which reports it once. A TTS replica that
+dies mid-reply is replaced, and the reply resumes at the first clause whose audio had
+not fully arrived (ResumableTts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry.trace import Status, StatusCode
+
+from voicestack import llm, telemetry, tts
+from voicestack.edge.observer import TurnObserver
+from voicestack.edge.output import Output
+from voicestack.edge.speech import SpeechHandle
+from voicestack.errors import StageError, stalled
+from voicestack.v1 import edge_pb2, llm_pb2, tts_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_TTS_RESUMES = 2
+TTS_STALL_MARGIN = 1.25
+
+
+@dataclass
+class GenerationContext:
+    """What a reply needs from its session."""
+
+    stages: object  # bus.StageClient, or a test's fake with the same open()
+    session_id: str
+    output: Output
+    observer: TurnObserver
+    voice: str = ""
+    temperature: float = 0.3
+    max_tokens: int = 0
+    audio_lead_ms: float = 300.0
+    stall_seconds: float = 30.0  # a stage alive but silent this long while awaited has failed
+
+
+async def together(*coroutines) -> None:
+    """Run the coroutines in one TaskGroup; a StageError from one cancels the others and is
+    raised alone (bugs stay in their ExceptionGroup)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for coroutine in coroutines:
+                group.create_task(coroutine)
+    except BaseExceptionGroup as failures:
+        stage_errors, others = failures.split(StageError)
+        if others is None:
+            raise _leaves(stage_errors)[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out = []
+    for error in group.exceptions:
+        out += _leaves(error) if isinstance(error, BaseExceptionGroup) else [error]
+    return out
+
+
+class ResumableTts:
+    """A TTS stream that outlives its replica (the TTS stage's Failover.OPENER): when the
+    stream fails UNAVAILABLE, a new one gets the text from the first clause whose audio
+    had not fully arrived, so the caller hears a short gap, not the reply again."""
+
+    def __init__(self, ctx: GenerationContext):
+        self.ctx = ctx
+        self.resumes = 0
+        self._stream = None
+        self._text = ""  # everything sent
+        self._resume_at = 0  # in _text: where the clause whose audio is arriving starts
+        self._clause_end = 0  # ... and where it ends
+        self._ended = False
+        self._lock = asyncio.Lock()  # sends wait while a new stream catches up
+        self._last_text_at = 0.0
+
+    async def open(self) -> None:
+        self._stream = await self.ctx.stages.open(
+            tts.CONTRACT, tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(voice=self.ctx.voice)),
+            session_id=self.ctx.session_id)
+
+    async def send(self, text: str) -> None:
+        async with self._lock:
+            self._last_text_at = time.monotonic()
+            self._text += text
+            await self._stream.send(tts_pb2.SynthesizeRequest(text=text))
+
+    async def end(self) -> None:
+        async with self._lock:
+            self._ended = True
+            await self._stream.end()
+
+    async def cancel(self) -> None:
+        if self._stream is not None:
+            await self._stream.cancel()
+
+    async def _next_output(self, stream):
+        """The stream's next output. Once it has text to speak, silence for stall_seconds
+        is a failure; the clock runs from the later of the last text in and the start of
+        this wait (a slow LLM, or a reply waiting its turn, is not the TTS's fault)."""
+        waiting_since = time.monotonic()
+        # A little longer than the LLM's own limit: when the LLM stalls, it is the one to blame.
+        limit = self.ctx.stall_seconds * TTS_STALL_MARGIN
+        while True:
+            wait = limit
+            if self._text:
+                wait = max(self._last_text_at, waiting_since) + limit - time.monotonic()
+                if wait <= 0:
+                    raise stalled("tts", self.ctx.stall_seconds)
+            try:
+                async with asyncio.timeout(wait):  # (not wait_for: in 3.11 it can swallow a cancel)
+                    return await anext(stream)
+            except TimeoutError:
+                continue
+
+    async def outputs(self):
+        while True:
+            try:
+                stream = aiter(self._stream)
+                while True:
+                    try:
+                        result = await self._next_output(stream)
+                    except StopAsyncIteration:
+                        break
+                    if result.text:  # a new clause starts: the one before arrived whole
+                        self._resume_at = self._clause_end
+                        found = self._text.find(result.text, self._resume_at)
+                        self._clause_end = found + len(result.text) if found >= 0 else self._resume_at
+                    yield result
+                return
+            except StageError as error:
+                if error.code != grpc.StatusCode.UNAVAILABLE or self.resumes >= MAX_TTS_RESUMES:
+                    raise
+                await self._resume(error)
+
+    async def _resume(self, cause: StageError) -> None:
+        async with self._lock:
+            self.resumes += 1
+            log.warning("tts stream failing over from %s: %s; resuming at the first clause not fully delivered",
+                        getattr(self._stream, "replica_id", "?"), cause.message)
+            await self._stream.cancel()
+            await self.open()
+            rest = self._text[self._resume_at:]
+            self._clause_end = self._resume_at
+            if rest.strip():
+                await self._stream.send(tts_pb2.SynthesizeRequest(text=rest))
+            if self._ended:
+                await self._stream.end()
+
+
+async def perform_reply(ctx: GenerationContext, handle: SpeechHandle, history: list[tuple[int, str]]) -> None:
+    """Produce the reply: fixed words straight to TTS, or the LLM's words as they come."""
+    for text, interruptible in handle.fixed:
+        await perform_fixed_speech(ctx, handle, text)
+        if not interruptible:
+            handle.protected_ms = handle.audio_sent_ms
+    if handle.user_text:
+        await perform_llm_reply(ctx, handle, history)
+
+
+async def perform_fixed_speech(ctx: GenerationContext, handle: SpeechHandle, text: str) -> None:
+    span = ctx.observer.stage_span(handle.turn, "tts.synthesize", "tts", voicestack__characters=len(text))
+    speech = ResumableTts(ctx)
+    try:
+        with telemetry.in_span(span):
+            await speech.open()
+        handle.turn.tts_first_text_at = handle.turn.tts_first_text_at or time.monotonic()
+        try:
+            await speech.send(text)
+            await speech.end()
+            handle.text += (" " if handle.text else "") + text
+            ctx.output.send(agent_text=_agent_text(handle, text + " "))
+            await perform_tts_inference(ctx, handle, speech, span)
+        except BaseException:
+            await speech.cancel()
+            raise
+    finally:
+        telemetry.end_span(span)
+
+
+async def perform_llm_reply(ctx: GenerationContext, handle: SpeechHandle, history: list[tuple[int, str]]) -> None:
+    request = llm_pb2.GenerateRequest(
+        messages=[llm_pb2.ChatMessage(role=role, content=content) for role, content in history],
+        max_tokens=ctx.max_tokens, temperature=ctx.temperature)
+    llm_span = ctx.observer.stage_span(handle.turn, "llm.generate", "llm", voicestack__messages=len(request.messages))
+    tts_span = ctx.observer.stage_span(handle.turn, "tts.synthesize", "tts")
+    speech = ResumableTts(ctx)
+    llm_sent = time.monotonic()
+    streams: dict = {}
+
+    async def open_llm():
+        with telemetry.in_span(llm_span):  # the stage's own spans become children of this one
+            streams["llm"] = await ctx.stages.open(llm.CONTRACT, request, session_id=ctx.session_id)
+
+    async def open_tts():
+        with telemetry.in_span(tts_span):
+            await speech.open()
+            streams["tts"] = speech
+
+    try:
+        # Opened together; if one is refused the other is cancelled on the way out.
+        await together(open_llm(), open_tts())
+        await together(perform_llm_inference(ctx, handle, streams["llm"], speech, llm_sent, llm_span),
+                       perform_tts_inference(ctx, handle, speech, tts_span))
+    except BaseException as error:
+        for stream in streams.values():
+            with contextlib.suppress(Exception):
+                await stream.cancel()
+        if isinstance(error, StageError):
+            for span in (llm_span, tts_span):
+                if span.is_recording():
+                    span.set_status(Status(StatusCode.ERROR, str(error)))
+        raise
+    finally:
+        tts_span.set_attribute("voicestack.characters", len(handle.text))
+        for span in (llm_span, tts_span):
+            if span.is_recording():
+                span.end()
+
+
+async def perform_llm_inference(ctx: GenerationContext, handle: SpeechHandle, llm_stream, speech: ResumableTts,
+                                llm_sent: float, span) -> None:
+    """LLM deltas to TTS as they arrive, and to the client once the reply is released
+    (a speculative reply's words stay private until its turn ends)."""
+    pending: list[str] = []
+    deltas = aiter(llm_stream)
+    while True:
+        try:
+            async with asyncio.timeout(ctx.stall_seconds):
+                delta = await anext(deltas)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise stalled("llm", ctx.stall_seconds) from None
+        metrics = handle.turn.metrics
+        if delta.text_delta:
+            if not metrics.llm_first_token_ms:
+                ctx.observer.first_token(handle.turn, llm_sent, span)
+            handle.text += delta.text_delta
+            pending.append(delta.text_delta)
+            await speech.send(delta.text_delta)
+        metrics.completion_tokens = delta.completion_tokens or metrics.completion_tokens
+        if handle.released and pending:
+            ctx.output.send(agent_text=_agent_text(handle, "".join(pending)))
+            pending.clear()
+    span.set_attribute("gen_ai.usage.output_tokens", handle.turn.metrics.completion_tokens)
+    span.end()
+    await speech.end()
+    if pending:
+        await handle._released.wait()
+        ctx.output.send(agent_text=_agent_text(handle, "".join(pending)))
+
+
+async def perform_tts_inference(ctx: GenerationContext, handle: SpeechHandle, speech: ResumableTts, span) -> None:
+    async for result in speech.outputs():
+        await perform_audio_forwarding(ctx, handle, result, span)
+
+
+async def perform_audio_forwarding(ctx: GenerationContext, handle: SpeechHandle,
+                                   result: tts_pb2.SynthesizeResponse, span=None) -> None:
+    """One chunk of agent audio to the client, once this reply may speak, paced to stay at
+    most audio_lead_ms ahead of playback (so a barge-in has little to take back)."""
+    await handle.wait_to_speak()
+    if not handle.first_audio_at:
+        ctx.observer.first_audio(handle.turn, span)
+    else:
+        ahead = handle.audio_sent_ms - (time.monotonic() - handle.first_audio_at) * 1000
+        if ahead > ctx.audio_lead_ms:
+            await asyncio.sleep((ahead - ctx.audio_lead_ms) / 1000)
+    if handle.interrupted:  # (never a chunk of an interrupted reply, whatever woke this task)
+        raise asyncio.CancelledError()
+    audio = result.audio
+    handle.add_audio(len(audio.pcm) / 2 / max(1, audio.sample_rate_hz) * 1000, result.text)
+    ctx.output.send_audio(handle.turn_index, audio)
+
+
+def _agent_text(handle: SpeechHandle, text: str) -> edge_pb2.AgentText:
+    return edge_pb2.AgentText(turn_index=handle.turn_index, text_delta=text)
