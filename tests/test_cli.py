@@ -4,6 +4,7 @@ says each service serves."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import subprocess
 import sys
 import time
@@ -28,11 +29,17 @@ def test_talk_refuses_an_empty_wav(tmp_path, capsys):
     assert "empty.wav" in err and "0 samples" in err, err
 
 
-def test_talk_says_when_no_speech_was_heard(edge_address, tmp_path):
+def edge_served(stack) -> int:
+    from voicestack.launcher import _discover
+    return sum(r.get("served", 0) for r in asyncio.run(_discover(stack.nats_url)) if r.get("stage") == "edge")
+
+
+def test_talk_says_when_no_speech_was_heard(stack, edge_address, tmp_path):
     # Quiet hiss, no voice: the VAD must hear nothing, and `talk` must not wait out --timeout.
     noise = np.random.default_rng(7).normal(0.0, 0.01, PIPELINE_RATE * 3 // 2).astype(np.float32)
     wav = tmp_path / "noise.wav"
     write_wav(wav, float_to_pcm16(noise), PIPELINE_RATE)
+    served_before = edge_served(stack)
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "voicestack", "talk", "--wav", str(wav), "--out",
                            str(tmp_path / "reply.wav"), "--address", edge_address, "--timeout", "60"],
@@ -43,6 +50,9 @@ def test_talk_says_when_no_speech_was_heard(edge_address, tmp_path):
     assert "DEADLINE_EXCEEDED" not in done.stderr
     # 1.5 s of audio + 1 s of trailing silence + 2 s of grace, plus start-up; far from 60 s.
     assert elapsed < 20, f"took {elapsed:.1f}s"
+    # The client ended that call, normally: `voicestack status` counts it as served (issue #13).
+    time.sleep(0.5)
+    assert edge_served(stack) == served_before + 1
 
 
 def test_up_shows_the_model_each_service_serves(tmp_path, capsys):

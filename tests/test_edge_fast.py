@@ -212,3 +212,22 @@ async def test_a_vad_that_cannot_be_reopened_ends_the_call_with_its_status():
         await call.wait(lambda: call.session.output.closed)
         assert call.session.output.failure.code == grpc.StatusCode.UNAVAILABLE
         assert call.session.output.failure.stage == "vad"
+
+
+async def test_a_monologue_at_the_longest_setting_stays_under_the_stt_limit():
+    """max_utterance_ms at its allowed maximum and 65 s of speech (issue: the edge sent
+    60.02 s, the STT refused, the first 60 s were lost and the Error came twice)."""
+    call = Call(config=edge_pb2.SessionConfig(endpointing=edge_pb2.EndpointingConfig(max_utterance_ms=60000)))
+    async with call:
+        call.stages.transcripts.extend(["the first minute", "and the rest"])
+        call.vad(SPEECH_STARTED)
+        await call.audio(65000)
+        call.vad(SPEECH_ENDED)
+        await call.audio(20)
+        await call.wait(lambda: any(e.text for e in call.of("agent_turn_ended")), 10)
+        stt = [s for s in call.stages.opened if s.stage == "stt"]
+        seconds = [sum(len(m.audio.pcm) for m in s.inputs if m.WhichOneof("kind") == "audio") / 32000 for s in stt]
+        assert len(stt) == 2 and max(seconds) < 60, seconds
+        assert not call.of("error")
+        [answered] = [e for e in call.of("agent_turn_ended") if e.text]
+        assert "the first minute and the rest" in answered.text

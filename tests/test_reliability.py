@@ -307,6 +307,7 @@ def guarded(tmp_path_factory, certs):
         stack.spawn("edge", name="edge-tls", env=tls)
         stack.spawn("edge", name="edge-mtls", env={**tls, "VOICESTACK_TLS_CLIENT_CA_FILE": str(certs["ca.pem"])})
         stack.spawn("edge", name="edge-fuzz", env={"VOICESTACK_DISCLOSURE": "false"})
+        stack.spawn("edge", name="edge-idle", env={"VOICESTACK_IDLE_TIMEOUT_SECONDS": "2", "VOICESTACK_DISCLOSURE": "false"})
         stack.wait_ready()
         yield stack
 
@@ -905,6 +906,18 @@ async def test_a_call_that_sends_nothing_is_ended(guarded):
     code, details, _, _ = await status_of(address, [], wait=FIRST_MESSAGE_SECONDS + 20, timeout=FIRST_MESSAGE_SECONDS + 30)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "no SessionConfig" in details, (code, details)
     assert time.monotonic() - began < FIRST_MESSAGE_SECONDS + 10
+
+
+async def test_a_client_that_sends_only_its_config_is_ended_when_idle(guarded):
+    """Config, then nothing at all (issue #20: it held an edge and a VAD slot until its own
+    deadline): the call ends DEADLINE_EXCEEDED after the idle timeout, and frees its VAD stream."""
+    address = guarded.processes["edge-idle"].address
+    vad_port = guarded.processes["vad"].metrics_port
+    began = time.monotonic()
+    code, details, _, _ = await status_of(address, [config_request()], wait=40, timeout=60)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no audio for 2 s" in details, (code, details)
+    assert time.monotonic() - began < 20
+    await wait_until(lambda: metric(vad_port, "voicestack_streams_active") == 0, 10, "its VAD stream to be freed")
 
 
 async def test_edge_is_healthy_after_the_fuzz(guarded, question):

@@ -625,11 +625,12 @@ class StageStream:
             try:
                 try:
                     reply = await nc.request(subject, request, timeout=self.client.open_timeout, headers=headers)
-                except nats.errors.NoRespondersError:
+                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                     if subject != open_subject(self.stage):
                         raise
-                    # An empty queue group means every replica is full (or there are none):
-                    # the overflow subject tells the two apart.
+                    # An empty queue group means every replica is full (or there are none);
+                    # an open lost as a full replica left the group goes unanswered. The
+                    # overflow subject tells those apart from no replica at all.
                     reply = await nc.request(overflow_subject(self.stage), request,
                                              timeout=self.client.open_timeout, headers=headers)
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError):

@@ -216,14 +216,16 @@ class Recognition:
 
     # ------------------------------------------------------------ utterances
 
-    async def start_utterance(self, index: int, speech_ms: int) -> Utterance:
-        """An STT stream for speech that started at `speech_ms` (StageError if none opens)."""
+    async def start_utterance(self, index: int, speech_ms: int, span=None) -> Utterance:
+        """An STT stream for speech that started at `speech_ms` (StageError if none opens);
+        the stage's spans join `span`'s trace."""
         start = max(self.audio.base_ms, speech_ms - PRE_ROLL_MS)
         u = Utterance(index, start, speech_ms, self.audio.wall_time_at(speech_ms), sent_ms=start)
-        u.stt = await self.stages.open(
-            stt.CONTRACT, stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(
-                sample_rate_hz=PIPELINE_RATE, interim_results=True)),
-            session_id=self.session_id)
+        with telemetry.in_span(span):
+            u.stt = await self.stages.open(
+                stt.CONTRACT, stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(
+                    sample_rate_hz=PIPELINE_RATE, interim_results=True)),
+                session_id=self.session_id)
         self.utterance = u
         await self._feed_stt(u)
         self.spawn(self._read_stt(u))
@@ -268,11 +270,13 @@ class Recognition:
         if not u.dropped:
             self.hooks.on_utterance_transcribed(u, final.strip(), None)
 
-    async def transcribe(self, start_ms: int) -> str:
+    async def transcribe(self, start_ms: int, span=None) -> str:
         """A one-off transcript of the audio since `start_ms` (a speculative reply's)."""
-        async with await self.stages.open(
+        with telemetry.in_span(span):
+            stream = await self.stages.open(
                 stt.CONTRACT, stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(sample_rate_hz=PIPELINE_RATE)),
-                session_id=self.session_id) as stream:
+                session_id=self.session_id)
+        async with stream:
             await send_audio_to_stt(stream, self.audio.between(start_ms))
             await stream.end()
             ended_at = time.monotonic()

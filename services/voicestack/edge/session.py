@@ -385,7 +385,7 @@ class Session:
         self.output.send(speech_started=edge_pb2.SpeechStarted(turn_index=index, offset_ms=speech_ms))
         self._drop_unheard_replies()  # the user was not done: a reply not yet heard is stale
         try:
-            utterance = await self.recognition.start_utterance(index, speech_ms)
+            utterance = await self.recognition.start_utterance(index, speech_ms, span=record.stt_span)
         except StageError as error:
             self._end_turn(index, record, error=error)
             return
@@ -489,7 +489,7 @@ class Session:
     async def _run_reply(self, handle: SpeechHandle, transcribe_from_ms: int | None) -> None:
         try:
             if transcribe_from_ms is not None:  # a speculation: the words so far first
-                handle.user_text = await self.recognition.transcribe(transcribe_from_ms)
+                handle.user_text = await self.recognition.transcribe(transcribe_from_ms, span=handle.turn.span)
                 if not handle.user_text:
                     return
             history = self.history if handle.released else [*self.history, (USER, handle.user_text)]

@@ -9,12 +9,17 @@ nobody will hear must not keep a replica busy.
 
 `FixedLlm` is the benchmarks-only stand-in (settings.cheap_engines); `build_engine(settings)`
 picks one of the three.
+
+The history the edge sends grows with the call; `fit` (each engine's, around
+`trim_history`) keeps a request within the model's context by dropping the oldest turns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +31,7 @@ import httpx
 
 from voicestack import models
 from voicestack.config import Settings
-from voicestack.errors import ServiceError
+from voicestack.errors import ServiceError, invalid
 
 
 REPEAT_PENALTY = 1.2
@@ -36,6 +41,96 @@ SEED = 1234
 # 8.1-8.5 s in slices of 64 against 6.9-9.2 s in llama.cpp's own 512 (noise).
 PROMPT_SLICE_TOKENS = 64
 REPLY = "The capital of France is Paris, a city on the Seine."  # all FixedLlm ever says
+
+
+# What the chat template adds to the content's tokens. SmolLM2's ChatML is 5 tokens a message
+# ("<|im_start|>", the role, a newline; "<|im_end|>", a newline), 3 to open the reply, and
+# about 20 for the default system prompt it inserts when there is none; one spare each.
+MESSAGE_TOKENS = 6
+TEMPLATE_TOKENS = 32
+# Dropped history is cut at turn boundaries that come every quarter of the room the history has
+# (the context less max_tokens and the system prompt; counted from the first turn), not one
+# turn at a time: the kept history then starts at the same message for several turns (5-8
+# voice turns of 60-100 tokens with a short system prompt), so llama.cpp (and vLLM's prefix
+# cache) reuse the prompt's KV instead of evaluating the whole context again every turn
+# (~1900 tokens: 10+ s on 2 CPU cores). The price: up to a quarter of that room (and one
+# turn) holds less old history than it could.
+CUTS_PER_ROOM = 4
+# OpenAIEngine: no tokenizer here; UTF-8 bytes / 3 is over the count of common BPE tokenizers
+# for English (~4 characters a token) and about right for Cyrillic (2 bytes a character) and
+# CJK (3 bytes a character, ~1 token).
+BYTES_PER_TOKEN = 3
+
+
+@dataclass
+class Fitted:
+    """A request's messages as sent: the oldest turns dropped to fit the model's context."""
+
+    messages: list[dict]
+    dropped: int = 0  # messages left out
+    prompt_tokens: int = 0  # estimated, template included (0: the context is not known)
+    n_ctx: int = 0  # the context it was fitted to (0: not known, nothing dropped)
+
+
+def trim_history(messages: list[dict], count_tokens: Callable[[str], int], n_ctx: int, max_tokens: int,
+                 cuts_per_room: int = 0) -> Fitted:
+    """Drop the oldest turns until the prompt and the reply fit the context.
+
+    Pure: `count_tokens(text)` is the model's token count of a message's content; each
+    message adds MESSAGE_TOKENS and the prompt TEMPLATE_TOKENS (the chat template). Fits
+    when prompt tokens + max_tokens <= n_ctx.
+
+    Kept always: the leading system message(s) and the last user message (with anything
+    after it). Between them the history is cut into turns, each a user message and what
+    follows it up to the next user message (the assistant's reply); anything before the first
+    such user message is a turn of its own. The oldest turns go first, whole, and the newest
+    that fit stay. With `cuts_per_room` (k), a cut falls only where the tokens dropped so far
+    pass a multiple of a step: 1/k of the room the history has (n_ctx - max_tokens - the
+    template - the system prompt, the same all through a session), counted from the first turn,
+    so the cut point stays put as the history grows and the kept prompt keeps its prefix from
+    one turn to the next; up to a step (and a turn) more is dropped than the least that would
+    fit. If the system prompt and the last user message alone do not fit, INVALID_ARGUMENT.
+    """
+    head = 0
+    while head < len(messages) and messages[head]["role"] == "system":
+        head += 1
+    tail = next((i for i in range(len(messages) - 1, head - 1, -1) if messages[i]["role"] == "user"),
+                len(messages) - 1 if len(messages) > head else len(messages))
+
+    def cost(message: dict) -> int:
+        return count_tokens(message["content"]) + MESSAGE_TOKENS
+
+    system = sum(cost(m) for m in messages[:head])
+    question = sum(cost(m) for m in messages[tail:])
+    budget = n_ctx - max_tokens - TEMPLATE_TOKENS
+    if system + question > budget:
+        if max_tokens + TEMPLATE_TOKENS >= n_ctx:
+            raise invalid(f"max_tokens {max_tokens} leaves no room for a prompt in the model's context "
+                          f"of {n_ctx} tokens: lower max_tokens")
+        shorten = "system prompt" if system >= question else "question"
+        raise invalid(f"the system prompt and the question are {system + question + TEMPLATE_TOKENS} tokens; "
+                      f"the model's context is {n_ctx} (max_tokens {max_tokens}): shorten the {shorten}")
+
+    step = max(1, (budget - system) // cuts_per_room) if cuts_per_room else 0
+    # Turn starts between head and tail, and each one's offset from the first (in tokens).
+    starts, offsets, total = [], [], 0
+    for i in range(head, tail):
+        if i == head or messages[i]["role"] == "user":
+            starts.append(i)
+            offsets.append(total)
+        total += cost(messages[i])
+    keep = len(starts)  # index of the first kept turn; len(starts): none kept
+    for j in range(len(starts)):
+        if system + question + total - offsets[j] > budget:
+            continue  # too much still
+        if step and j and offsets[j] // step == offsets[j - 1] // step:
+            continue  # not a cut point: no multiple of the step passed since the last turn
+        keep = j
+        break
+    first = starts[keep] if keep < len(starts) else tail
+    kept_middle = total - (offsets[keep] if keep < len(starts) else total)
+    return Fitted(messages[:head] + messages[first:], first - head,
+                  system + kept_middle + question + TEMPLATE_TOKENS, n_ctx)
 
 
 class LlmUnavailable(ServiceError):
@@ -65,6 +160,11 @@ class LlmEngine(Protocol):
 
     def stream(self, messages: list[dict], max_tokens: int, temperature: float) -> AsyncIterator[Delta]:
         """Yield text deltas; the last one has finish_reason and the token totals (its text may be empty)."""
+        ...
+
+    async def fit(self, messages: list[dict], max_tokens: int) -> Fitted:
+        """`messages` trimmed to the model's context with room for max_tokens (trim_history);
+        unchanged when the context is not known. INVALID_ARGUMENT when no trimming fits."""
         ...
 
     async def aclose(self) -> None: ...
@@ -119,6 +219,19 @@ class LlamaCppEngine:
         self._stops: set[threading.Event] = set()
         self._running_stop = threading.Event()  # the stop of the stream on the worker now
         self.tokens_generated = 0  # all tokens ever sampled; tests watch it stop on cancel
+        self.n_ctx = self._llm.n_ctx()
+        # The edge sends the whole history every turn: each message is tokenized once.
+        self.count_tokens = functools.lru_cache(maxsize=4096)(self._count_tokens)
+
+    def _count_tokens(self, text: str) -> int:
+        # Read-only use of the vocabulary: safe beside a generation on the worker thread.
+        return len(self._llm.tokenize(text.encode(), add_bos=False, special=False))
+
+    async def fit(self, messages: list[dict], max_tokens: int) -> Fitted:
+        # In a thread: a long history's first tokenization must not hold up the event loop
+        # (and with it this replica's heartbeats).
+        return await asyncio.to_thread(trim_history, messages, self.count_tokens, self.n_ctx, max_tokens,
+                                       CUTS_PER_ROOM)
 
     async def stream(self, messages: list[dict], max_tokens: int, temperature: float) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
@@ -227,9 +340,35 @@ class OpenAIEngine:
     def __init__(self, base_url: str, model: str, api_key: str = "", timeout: float = 30.0):
         self.model_name = model
         self._url = base_url.rstrip("/") + "/chat/completions"
+        self._models_url = base_url.rstrip("/") + "/models"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # The timeout also bounds the gap between two streamed chunks: a stalled server fails.
         self._client = httpx.AsyncClient(headers=headers, timeout=timeout)
+        self._timeout = timeout
+        self.n_ctx: int | None = None  # the server's context (vLLM's max_model_len); 0: it does not say
+        self._n_ctx_lock = asyncio.Lock()
+
+    async def context_length(self) -> int:
+        """The model's context as GET /models gives it (vLLM: max_model_len), asked once;
+        0 when the server does not say (then nothing is trimmed). A server that cannot be
+        reached or answers 5xx is asked again next time (the request itself then fails
+        UNAVAILABLE, as it would have)."""
+        async with self._n_ctx_lock:
+            if self.n_ctx is None:
+                try:
+                    resp = await self._client.get(self._models_url, timeout=min(self._timeout, 5.0))
+                except httpx.RequestError:
+                    return 0
+                if resp.status_code >= 500:
+                    return 0  # a passing failure: ask again next time
+                self.n_ctx = _max_model_len(resp, self.model_name) if resp.status_code == 200 else 0
+            return self.n_ctx
+
+    async def fit(self, messages: list[dict], max_tokens: int) -> Fitted:
+        n_ctx = await self.context_length()
+        if not n_ctx:
+            return Fitted(messages)
+        return trim_history(messages, _approximate_tokens, n_ctx, max_tokens, CUTS_PER_ROOM)
 
     async def stream(self, messages: list[dict], max_tokens: int, temperature: float) -> AsyncIterator[Delta]:
         body = {
@@ -280,6 +419,21 @@ class OpenAIEngine:
         await self._client.aclose()
 
 
+def _approximate_tokens(text: str) -> int:
+    return math.ceil(len(text.encode()) / BYTES_PER_TOKEN)
+
+
+def _max_model_len(resp: httpx.Response, model: str) -> int:
+    """vLLM lists `max_model_len` per model; the one named `model`, or the only one listed."""
+    try:
+        listed = [m for m in resp.json()["data"] if isinstance(m, dict)]
+    except (ValueError, KeyError, TypeError):
+        return 0
+    named = [m for m in listed if m.get("id") == model] or (listed if len(listed) == 1 else [])
+    value = named[0].get("max_model_len") if named else None
+    return value if isinstance(value, int) and value > 0 else 0
+
+
 def _chunk(data: str) -> dict | None:
     """One SSE data line as a JSON object; None when it is not one."""
     try:
@@ -305,6 +459,9 @@ class FixedLlm:
             await asyncio.sleep(0)  # a real engine yields to the loop between tokens
             yield Delta(word if n == 1 else " " + word, completion_tokens=n, prompt_tokens=prompt)
         yield Delta("", "stop" if len(words) == len(self.reply.split(" ")) else "length", len(words), prompt)
+
+    async def fit(self, messages: list[dict], max_tokens: int) -> Fitted:
+        return Fitted(messages)  # no context to fit
 
     async def aclose(self) -> None:
         return None

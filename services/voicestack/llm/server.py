@@ -1,9 +1,14 @@
 """LLM stage: a chat request in, the reply streamed token by token. Cancelling the
-stream stops generation within a token (barge-in)."""
+stream stops generation within a token (barge-in).
+
+The request carries the whole conversation; the stage drops its oldest turns until the
+prompt and the reply fit the model's context (engine.trim_history), and says in its span how
+many messages it dropped (`voicestack.history.dropped`)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 
 from opentelemetry import trace
@@ -23,6 +28,8 @@ ROLES = {
 MAX_MESSAGES = 200
 MAX_CONTENT_CHARS = 8000
 MAX_TOKENS = 1024
+
+log = logging.getLogger(__name__)
 
 
 def chat_messages(request: llm_pb2.GenerateRequest) -> list[dict]:
@@ -71,6 +78,13 @@ class LlmStage(Stage):
         span.set_attribute("gen_ai.request.model", self.engine.model_name)
         span.set_attribute("gen_ai.request.max_tokens", max_tokens)
         started = time.perf_counter()
+        fitted = await self.engine.fit(messages, max_tokens)
+        messages = fitted.messages
+        span.set_attribute("voicestack.history.dropped", fitted.dropped)
+        if fitted.dropped:
+            log.debug("history: dropped the oldest %d of %d messages; %d kept, about %d prompt tokens "
+                      "+ max_tokens %d within the context of %d", fitted.dropped, fitted.dropped + len(messages),
+                      len(messages), fitted.prompt_tokens, max_tokens, fitted.n_ctx)
         first = True
         # aclosing: a cancelled stream stops the engine now, not when garbage is collected.
         async with contextlib.aclosing(self.engine.stream(messages, max_tokens, request.temperature)) as deltas:
