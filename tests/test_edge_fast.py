@@ -14,7 +14,7 @@ import pytest
 
 from edge_harness import SPEECH_ENDED, SPEECH_STARTED, Call, fast_settings
 from voicestack.edge.recognition import RING_MS, AudioBuffer
-from voicestack.edge.session import same_words
+from voicestack.edge.turn_taking import same_words
 from voicestack.edge.speech import heard_text
 from voicestack.errors import code_from_int
 from voicestack.v1 import edge_pb2, llm_pb2

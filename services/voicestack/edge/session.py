@@ -18,13 +18,12 @@ and makes every decision, so no decision races another:
 Every user turn ends exactly once: `AgentTurnEnded` (after one `Error` if a stage failed
 it) or `Interrupted`. The parts: recognition.py (audio in), speech.py (reply handles and
 their order), generation.py (LLM into TTS into paced audio), output.py (to the client),
-observer.py (spans and meters).
+observer.py (spans and meters), events.py (what the inbox holds), turn_taking.py (settings).
 """
 
 from __future__ import annotations
 
 import asyncio
-import difflib
 import logging
 import time
 from dataclasses import dataclass
@@ -32,114 +31,21 @@ from dataclasses import dataclass
 import grpc
 
 from voicestack.audio import PIPELINE_RATE, VAD_WINDOW_SAMPLES, float_to_pcm16, pcm16_to_float, resample
+from voicestack.edge.events import (AudioIn, Failed, HooksToInbox, InputEnded, Playback, RecognitionEnded,
+                                    ReplyDone, Transcribed, Transcript, VadDecision)
 from voicestack.edge.generation import GenerationContext, perform_reply
 from voicestack.edge.observer import TurnObserver, TurnRecord
 from voicestack.edge.output import Output
-from voicestack.edge.recognition import STT_MAX_UTTERANCE_MS, Recognition, Utterance
+from voicestack.edge.recognition import Recognition, Utterance
 from voicestack.edge.speech import SpeechHandle, SpeechScheduler
+from voicestack.edge.turn_taking import TurnTaking, same_words
 from voicestack.errors import ServiceError, StageError
 from voicestack.v1 import edge_pb2, llm_pb2, vad_pb2
 
 log = logging.getLogger(__name__)
 
-SAME_WORDS_RATIO = 0.8
 INBOX_HIGH = 200  # events: a client sending faster than the session keeps up waits here
 SYSTEM, USER, ASSISTANT = llm_pb2.CHAT_ROLE_SYSTEM, llm_pb2.CHAT_ROLE_USER, llm_pb2.CHAT_ROLE_ASSISTANT
-
-
-@dataclass
-class TurnTaking:
-    """Per-session turn-taking settings (SessionConfig, else the server's defaults)."""
-
-    silence_ms: int = 600
-    min_speech_ms: int = 200
-    max_utterance_ms: int = 30000
-    speculation: bool = False
-    speculative_pause_ms: int = 250
-    interruptible: bool = True
-    barge_in_min_speech_ms: int = 400
-
-    @classmethod
-    def from_config(cls, config: edge_pb2.SessionConfig, settings) -> "TurnTaking":
-        e, i = config.endpointing, config.interruption
-        speculation = {edge_pb2.SPECULATION_MODE_ON: True, edge_pb2.SPECULATION_MODE_OFF: False}
-        return cls(
-            silence_ms=e.silence_ms or cls.silence_ms,
-            min_speech_ms=e.min_speech_ms or cls.min_speech_ms,
-            max_utterance_ms=e.max_utterance_ms or cls.max_utterance_ms,
-            speculation=speculation.get(e.speculation, settings.speculation),
-            speculative_pause_ms=e.speculative_pause_ms or cls.speculative_pause_ms,
-            interruptible=not i.disabled,
-            barge_in_min_speech_ms=i.min_speech_ms or settings.barge_in_min_speech_ms,
-        )
-
-    @property
-    def split_ms(self) -> int:
-        """A monologue is cut at this length, always under what the STT takes."""
-        return min(self.max_utterance_ms, STT_MAX_UTTERANCE_MS - 1000)
-
-
-def normalized(text: str) -> str:
-    return " ".join("".join(c.lower() if c.isalnum() else " " for c in text).split())
-
-
-def same_words(a: str, b: str) -> bool:
-    """Whether a speculative transcript matches the final one: the same words, allowing
-    about one in five to differ (Whisper may hear "of" as "on" with a little more audio)."""
-    a_words, b_words = normalized(a).split(), normalized(b).split()
-    return bool(a_words) and difflib.SequenceMatcher(None, a_words, b_words).ratio() >= SAME_WORDS_RATIO
-
-
-# ---------------------------------------------------------------- events in the inbox
-
-@dataclass
-class AudioIn:
-    pcm: bytes
-
-
-@dataclass
-class Playback:
-    report: edge_pb2.PlaybackPosition
-
-
-@dataclass
-class InputEnded:
-    pass
-
-
-@dataclass
-class Failed:
-    error: ServiceError  # the call ends with this status
-
-
-@dataclass
-class VadDecision:
-    kind: str  # "start" | "pause" | "resume" | "end"
-    offset_ms: int
-
-
-@dataclass
-class Transcript:
-    utterance: Utterance
-    text: str
-    is_final: bool
-
-
-@dataclass
-class Transcribed:
-    utterance: Utterance
-    text: str
-    error: StageError | None
-
-
-@dataclass
-class RecognitionEnded:
-    error: StageError | None
-
-
-@dataclass
-class ReplyDone:
-    handle: SpeechHandle
 
 
 @dataclass
@@ -180,7 +86,7 @@ class Session:
             temperature=settings.llm_temperature, max_tokens=config.max_reply_tokens,
             audio_lead_ms=settings.audio_lead_ms, stall_seconds=settings.stage_stall_seconds)
         self.recognition = Recognition(
-            session_id, stages, self, self._spawn,
+            session_id, stages, HooksToInbox(self.inbox), self._spawn,
             vad_pb2.VadConfig(sample_rate_hz=PIPELINE_RATE, min_silence_ms=tt.silence_ms,
                               min_speech_ms=tt.min_speech_ms,
                               pause_ms=tt.speculative_pause_ms if tt.speculation else 0),
@@ -288,29 +194,6 @@ class Session:
 
     def fail(self, error: ServiceError) -> None:
         self.inbox.put_nowait(Failed(error))
-
-    # ------------------------------------------------------------ RecognitionHooks
-
-    def on_start_of_speech(self, offset_ms: int) -> None:
-        self.inbox.put_nowait(VadDecision("start", offset_ms))
-
-    def on_speech_paused(self, offset_ms: int) -> None:
-        self.inbox.put_nowait(VadDecision("pause", offset_ms))
-
-    def on_speech_resumed(self, offset_ms: int) -> None:
-        self.inbox.put_nowait(VadDecision("resume", offset_ms))
-
-    def on_end_of_speech(self, offset_ms: int) -> None:
-        self.inbox.put_nowait(VadDecision("end", offset_ms))
-
-    def on_transcript(self, utterance: Utterance, text: str, is_final: bool) -> None:
-        self.inbox.put_nowait(Transcript(utterance, text, is_final))
-
-    def on_utterance_transcribed(self, utterance: Utterance, text: str, error: StageError | None) -> None:
-        self.inbox.put_nowait(Transcribed(utterance, text, error))
-
-    def on_recognition_ended(self, error: StageError | None) -> None:
-        self.inbox.put_nowait(RecognitionEnded(error))
 
     # ------------------------------------------------------------ decisions
 

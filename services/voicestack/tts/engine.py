@@ -199,4 +199,8 @@ class SilentTts:
 def build_engine(settings: Settings) -> KokoroEngine | SilentTts:
     if settings.cheap_engines:
         return SilentTts()
-    return KokoroEngine(device=settings.device, threads=settings.threads)
+    engine = KokoroEngine(device=settings.device, threads=settings.threads)
+    # One synthesis before the replica takes streams: onnxruntime's first run allocates and
+    # plans (seconds on a small CPU), and a stream failed over to a cold replica waits for it.
+    engine.synthesize("Hello there.")
+    return engine
