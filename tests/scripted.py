@@ -42,7 +42,7 @@ class Script:
         turn = self.conversation.turns.get(index)
         return bool(turn and (turn.ended or turn.interrupted))
 
-    async def run(self, address: str, speaker):
+    async def run(self, address: str, speaker, timeout: float = 180):
         """`speaker(script, send)` streams audio; silence flows whenever it is not talking."""
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -85,7 +85,7 @@ class Script:
                     self.changed.set()
 
         async with grpc.aio.insecure_channel(address) as channel:
-            call = edge_pb2_grpc.EdgeServiceStub(channel).Converse(requests(), timeout=180)
+            call = edge_pb2_grpc.EdgeServiceStub(channel).Converse(requests(), timeout=timeout)
             reader = asyncio.create_task(read(call))
             try:
                 await speaker(self, send)

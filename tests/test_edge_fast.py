@@ -231,3 +231,17 @@ async def test_a_monologue_at_the_longest_setting_stays_under_the_stt_limit():
         assert not call.of("error")
         [answered] = [e for e in call.of("agent_turn_ended") if e.text]
         assert "the first minute and the rest" in answered.text
+
+
+async def test_a_long_call_keeps_its_requests_bounded():
+    """The LLM stage fits the history to its context by tokens; the edge only bounds the
+    message count (the stage refuses over 200), oldest turns first, the system prompt kept."""
+    from voicestack.edge.session import MAX_HISTORY_MESSAGES
+    async with Call() as call:
+        for n in range(MAX_HISTORY_MESSAGES // 2 + 5):
+            await call.say(100, f"question {n}")
+            await call.wait(lambda: call.ended(n + 1))
+        messages = call.stages.llm_requests[-1].messages
+        assert len(messages) <= MAX_HISTORY_MESSAGES + 1
+        assert messages[0].role == llm_pb2.CHAT_ROLE_SYSTEM and messages[-1].content == f"question {n}"
+        assert "question 0" not in [m.content for m in messages]

@@ -17,7 +17,8 @@ import os
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, event, settings, strategies as st
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import event as count_in_statistics
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from edge_harness import SPEECH_ENDED, SPEECH_PAUSED, SPEECH_RESUMED, SPEECH_STARTED, Call, fast_settings
@@ -191,8 +192,8 @@ class EdgeConversation(RuleBasedStateMachine):
             assert sorted(ended) == sorted(set(ended)) and set(ended) == started, (sorted(started), ended)
             kinds = {k for k, _ in self.kinds()}
             for seen in ("interrupted", "error", "agent_audio"):  # (--hypothesis-show-statistics)
-                event(f"{seen}: {seen in kinds}")
-            event(f"speculative hit: {any(m.speculative_hit for m in self.call.of('turn_metrics'))}")
+                count_in_statistics(f"{seen}: {seen in kinds}")
+            count_in_statistics(f"speculative hit: {any(m.speculative_hit for m in self.call.of('turn_metrics'))}")
             self.run(self.call.__aexit__(None, None, None))
             assert not self.call.stages.open_streams(), self.call.stages.open_streams()
             leftover = [t for t in asyncio.all_tasks(self.loop) if not t.done()]

@@ -44,6 +44,7 @@ from voicestack.v1 import edge_pb2, llm_pb2, vad_pb2
 
 log = logging.getLogger(__name__)
 
+MAX_HISTORY_MESSAGES = 120  # after the system prompt (the LLM stage takes 200)
 INBOX_HIGH = 200  # events: a client sending faster than the session keeps up waits here
 SYSTEM, USER, ASSISTANT = llm_pb2.CHAT_ROLE_SYSTEM, llm_pb2.CHAT_ROLE_USER, llm_pb2.CHAT_ROLE_ASSISTANT
 
@@ -421,6 +422,10 @@ class Session:
             self.history[-1] = (USER, f"{content} {text}")
         else:
             self.history.append((role, text))
+        # The LLM stage fits the history to its model's context by tokens; this bound only
+        # keeps a long call's requests under the stage's message limit and the bus's payload.
+        while len(self.history) > MAX_HISTORY_MESSAGES + 1:
+            del self.history[1:3]  # the oldest turn: a user message and its answer
 
     # ------------------------------------------------------------ speculation
 

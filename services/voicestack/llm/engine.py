@@ -388,6 +388,11 @@ class OpenAIEngine:
             async with self._client.stream("POST", self._url, json=body) as resp:
                 if resp.status_code != 200:
                     detail = (await resp.aread())[:300].decode(errors="replace")
+                    if resp.status_code == 400:  # the request itself (too long for its context, say): no replica helps
+                        raise invalid(f"{self._url} refused the request (HTTP 400): {detail}")
+                    if resp.status_code == 429:
+                        raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                           f"{self._url} is busy (HTTP 429); retry shortly")
                     raise LlmUnavailable(f"{self._url} answered HTTP {resp.status_code}: {detail}")
                 async for line in resp.aiter_lines():
                     if not line.startswith("data:"):
