@@ -266,8 +266,21 @@ async def perform_llm_inference(ctx: GenerationContext, handle: SpeechHandle, ll
 
 
 async def perform_tts_inference(ctx: GenerationContext, handle: SpeechHandle, speech: ResumableTts, span) -> None:
-    async for result in speech.outputs():
-        await perform_audio_forwarding(ctx, handle, result, span)
+    """TTS audio to the client. The stream is read as fast as it comes and forwarding paces
+    it, so a replica's death is noticed, and the reply resumed on another, while the audio
+    already here still plays (read behind the pacing, the resume began only once it had)."""
+    received: asyncio.Queue = asyncio.Queue()
+
+    async def read() -> None:
+        async for result in speech.outputs():
+            received.put_nowait(result)
+        received.put_nowait(None)
+
+    async def forward() -> None:
+        while (result := await received.get()) is not None:
+            await perform_audio_forwarding(ctx, handle, result, span)
+
+    await together(read(), forward())
 
 
 async def perform_audio_forwarding(ctx: GenerationContext, handle: SpeechHandle,
