@@ -78,7 +78,7 @@ demo: deps proto build/question.wav
 test: deps proto $(HELM) lint-proto
 	@for layer in "fast" "not fast"; do \
 	  start=$$(date +%s); \
-	  $(BIN)/python -m pytest -q -m "$$layer" $(PYTEST_ARGS); rc=$$?; \
+	  $(BIN)/python -m pytest -q -m "$$layer" --durations=8 $(PYTEST_ARGS); rc=$$?; \
 	  echo "== test layer '$$layer': $$(( $$(date +%s) - start )) s (pytest exit $$rc)"; \
 	  [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc; \
 	done
