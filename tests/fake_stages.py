@@ -101,7 +101,7 @@ class FakeStream:
 
     # --------------------------------------------------------- behaviour
 
-    async def _fail_now(self, code: grpc.StatusCode) -> None:
+    async def fail_now(self, code: grpc.StatusCode) -> None:
         """The stream fails at once, wherever it is (a replica gone, say)."""
         self._put(StageError(code, f"{self.stage} failed (scripted)", self.stage))
         await asyncio.sleep(0)

@@ -208,7 +208,7 @@ async def test_a_client_that_stops_reading_is_ended_without_holding_streams():
 async def test_a_vad_that_cannot_be_reopened_ends_the_call_with_its_status():
     async with Call() as call:
         call.stages.fail("vad", "open", grpc.StatusCode.UNAVAILABLE)
-        await call.stages.vad._fail_now(grpc.StatusCode.UNAVAILABLE)
+        await call.stages.vad.fail_now(grpc.StatusCode.UNAVAILABLE)
         await call.wait(lambda: call.session.output.closed)
         assert call.session.output.failure.code == grpc.StatusCode.UNAVAILABLE
         assert call.session.output.failure.stage == "vad"

@@ -119,7 +119,7 @@ class EdgeConversation(RuleBasedStateMachine):
     def vad_replica_dies(self):
         if not (self.live()):
             return  # (not now: a no-op keeps hypothesis from retrying draws)
-        self.run(self.call.stages.vad._fail_now(grpc.StatusCode.UNAVAILABLE))
+        self.run(self.call.stages.vad.fail_now(grpc.StatusCode.UNAVAILABLE))
         self.run(self.call.settle())
 
     @rule(ms=st.sampled_from([0, 0, 5, 30]))
