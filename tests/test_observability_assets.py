@@ -356,7 +356,11 @@ class Prometheus:
             stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
 
     def get(self, path: str, **params) -> dict:
-        reply = httpx.get(self.url + path, params=params, timeout=10).json()
+        response = httpx.get(self.url + path, params=params, timeout=10)
+        # A Prometheus still starting answers 503 "Service Unavailable" in plain text: not ready yet.
+        assert response.headers.get("content-type", "").startswith("application/json"), \
+            f"{path}: HTTP {response.status_code} {response.text[:200]}"
+        reply = response.json()
         assert reply["status"] == "success", f"{path} {params}: {reply}\n{self.log.read_text()[-2000:]}"
         return reply["data"]
 
