@@ -51,9 +51,6 @@ class Output:
         self._audio = kept
         return dropped
 
-    def queued_audio(self, turn_index: int) -> int:
-        return sum(1 for item in self._audio if item[1] == turn_index)
-
     def pending(self) -> list:
         """What is queued, in the order it will be sent."""
         items = sorted([(item[0], item[-1]) for item in (*self._events, *self._audio)], key=lambda item: item[0])
