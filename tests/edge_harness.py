@@ -8,7 +8,9 @@ import contextlib
 
 from fake_stages import FakeStages
 from voicestack.config import Settings
+from voicestack.edge.server import wants_tools
 from voicestack.edge.session import Session
+from voicestack.edge.tools import ServerTools, SessionTools
 from voicestack.v1 import edge_pb2, vad_pb2
 
 FRAME = b"\0\0" * 320  # 20 ms at 16 kHz
@@ -25,17 +27,22 @@ def fast_settings(**overrides) -> Settings:
 
 
 class Call:
-    def __init__(self, settings: Settings | None = None, config: edge_pb2.SessionConfig | None = None):
+    def __init__(self, settings: Settings | None = None, config: edge_pb2.SessionConfig | None = None,
+                 server_tools=None):
         self.settings = settings or fast_settings()
         self.config = config or edge_pb2.SessionConfig()
         self.stages = FakeStages()
         self.events: list[edge_pb2.ConverseResponse] = []
         self.status = None  # the call's failure, if it ended with one
         self.session: Session | None = None
+        self.server_tools = server_tools  # an edge.tools.ServerTools (HTTP/MCP), if the test has one
         self._reader: asyncio.Task | None = None
 
     async def __aenter__(self) -> "Call":
-        self.session = Session("fake-session", self.stages, self.config, self.settings)
+        tools = None
+        if wants_tools(self.config):
+            tools = SessionTools.from_config(self.config.tools, self.server_tools or await ServerTools.start(self.settings))
+        self.session = Session("fake-session", self.stages, self.config, self.settings, tools=tools)
         await self.session.__aenter__()
         self._reader = asyncio.create_task(self._read())
         return self

@@ -37,7 +37,7 @@ class FakeStream:
         self._outputs: asyncio.Queue = asyncio.Queue()
         self._produced = 0
         self._text = ""
-        if stage == "llm":
+        if stage.startswith("llm"):
             self._write_reply(first)
 
     # --------------------------------------------------------- opener API
@@ -113,6 +113,13 @@ class FakeStream:
         self.stages.llm_requests.append(request)
         user = request.messages[-1].content if request.messages else ""
         self.stages.replies += 1
+        if request.tools and self.stages.tool_calls:  # a scripted round of calls
+            preamble, calls = self.stages.tool_calls.popleft()
+            if preamble:
+                self._put(llm_pb2.GenerateResponse(text_delta=preamble, completion_tokens=1))
+            self._put(llm_pb2.GenerateResponse(tool_calls=calls, finish_reason="tool_calls", completion_tokens=2))
+            self._put(None)
+            return
         words = f"reply {self.stages.replies} to {user}.".split()
         for n, word in enumerate(words, 1):
             self._put(llm_pb2.GenerateResponse(text_delta=(" " if n > 1 else "") + word, completion_tokens=n))
@@ -131,9 +138,10 @@ class FakeStream:
 class FakeStages:
     def __init__(self) -> None:
         self.opened: list[FakeStream] = []
-        self.failures: dict[str, deque] = {s: deque() for s in ("vad", "stt", "llm", "tts")}
+        self.failures: dict[str, deque] = {s: deque() for s in ("vad", "stt", "llm", "llm-strong", "tts")}
         self.transcripts: deque = deque()
         self.llm_requests: list[llm_pb2.GenerateRequest] = []
+        self.tool_calls: deque = deque()  # (preamble, [ToolCall]): the next LLM round offered tools makes these
         self.replies = 0
         self.ms_per_word = MS_PER_WORD  # of TTS audio: longer keeps a reply speaking (paced) longer
 

@@ -173,8 +173,8 @@ class EdgeConversation(RuleBasedStateMachine):
             elif kind == "interrupted":
                 sent_words |= set(event.interrupted.heard_text.split())
         for message in self.call.session.history:
-            if message[0] == llm_pb2.CHAT_ROLE_ASSISTANT:
-                assert set(message[1].split()) <= sent_words, message
+            if message.role == llm_pb2.CHAT_ROLE_ASSISTANT:
+                assert set(message.content.split()) <= sent_words, message
 
     def teardown(self):
         try:

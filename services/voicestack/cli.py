@@ -52,7 +52,7 @@ def _progress(process) -> None:
 
 
 # Settings each process of `up` gets its own value of (the launcher assigns them).
-PER_PROCESS_SETTINGS = ("nats_url", "grpc_port", "metrics_port", "replica_id", "capacity")
+PER_PROCESS_SETTINGS = ("nats_url", "grpc_port", "metrics_port", "replica_id", "capacity", "llm_pool")
 
 
 def add_stack_flags(parser) -> None:
@@ -87,18 +87,21 @@ def stack_env(args) -> dict:
     return env
 
 
-def start_stack(log_dir: str, env: dict | None = None):
-    from voicestack.launcher import START_ORDER, Stack
+def start_stack(log_dir: str, env: dict | None = None, strong_llm: bool = False):
+    from voicestack.launcher import START_ORDER, STRONG_LLM, Stack
 
     # Through the environment, not argv: a secret (--llm-api-key) stays out of `ps`.
     stack = Stack(log_dir=log_dir, env=env)
-    print(f"starting nats-server on {stack.nats_url} and {len(START_ORDER)} services; "
+    print(f"starting nats-server on {stack.nats_url} and {len(START_ORDER) + strong_llm} services; "
           f"loading models (logs in {log_dir}/)...", flush=True)
     stack.start_nats()
     for service in START_ORDER:
         stack.spawn(service)
+    if strong_llm:
+        name, service, args = STRONG_LLM
+        stack.spawn(service, name=name, args=args)
     try:
-        stack.wait_ready(START_ORDER, progress=_progress)
+        stack.wait_ready(progress=_progress)
     except (RuntimeError, TimeoutError) as error:
         stack.stop_all()
         raise SystemExit(f"voicestack up failed: {error}")
@@ -129,7 +132,7 @@ def show_stack(stack) -> None:
 
 
 def cmd_up(args) -> int:
-    stack = start_stack(args.log_dir, stack_env(args))
+    stack = start_stack(args.log_dir, stack_env(args), strong_llm=args.strong_llm)
     show_stack(stack)
     print("Talk to it: voicestack talk --wav IN.wav --out REPLY.wav   (Ctrl-C stops everything)", flush=True)
     stopping = []
@@ -168,6 +171,13 @@ def print_waterfall(trace, width: int = 40) -> None:
 def print_conversation(conversation) -> None:
     if conversation.opening:
         print(f"agent opened: {conversation.opening.reply_text.strip()!r}")
+    results = {r.call_id: r for r in conversation.tool_results}
+    for call in conversation.tool_calls:
+        result = results.get(call.id)
+        outcome = ("withdrawn" if call.id in conversation.tools_cancelled else
+                   f"error: {result.error}" if result and result.error else
+                   f"-> {result.content!r}" if result else "(no answer)")
+        print(f"tool call:  {call.name}({call.arguments_json}) {outcome}")
     for turn in conversation.replies:
         print(f"you said:   {turn.transcript!r}")
         print(f"agent said: {turn.reply_text.strip()!r}")
@@ -194,7 +204,7 @@ async def _talk(args) -> int:
     import grpc
 
     from voicestack.audio import PIPELINE_RATE, read_wav, write_wav
-    from voicestack.client import converse
+    from voicestack.client import converse, load_tools_file
     from voicestack.v1 import edge_pb2
 
     try:
@@ -206,6 +216,14 @@ async def _talk(args) -> int:
         print(f"talk: {args.wav} holds no audio (0 samples); nothing to say", file=sys.stderr)
         return 2
     config = edge_pb2.SessionConfig(voice=args.voice, system_prompt=args.system_prompt)
+    tool_functions = None
+    if args.tools:
+        try:
+            tools_config, tool_functions = load_tools_file(args.tools)
+        except (OSError, ValueError) as error:
+            print(f"talk: --tools: {error}", file=sys.stderr)
+            return 2
+        config.tools.CopyFrom(tools_config)
     metadata, credentials = None, None
     api_key = os.environ.get("VOICESTACK_API_KEY", "")
     if api_key:
@@ -214,7 +232,8 @@ async def _talk(args) -> int:
         with open(args.tls_ca, "rb") as ca:
             credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
     conversation = await converse(args.address, audio, config=config, speed=args.speed, timeout=args.timeout,
-                                  metadata=metadata, credentials=credentials, no_speech_grace=NO_SPEECH_GRACE_SECONDS)
+                                  metadata=metadata, credentials=credentials, no_speech_grace=NO_SPEECH_GRACE_SECONDS,
+                                  tools=tool_functions)
     if conversation.status.name != "OK":
         print(f"talk: {conversation.status.name}: {conversation.details}", file=sys.stderr)
         return 1
@@ -277,6 +296,7 @@ def add_talk_flags(parser) -> None:
     parser.add_argument("--system-prompt", default="")
     parser.add_argument("--timeout", type=float, default=90.0)
     parser.add_argument("--tls-ca", default="", help="CA certificate: connect with TLS (the edge's --tls-cert-file)")
+    parser.add_argument("--tools", default="", help="JSON file of client tools the agent may call (see README, Tools)")
     # The API key comes from VOICESTACK_API_KEY, never a flag: flags show up in `ps`.
 
 
@@ -291,6 +311,8 @@ def main(argv=None) -> int:
 
     up = commands.add_parser("up", help="the embedded default: local NATS and all five services")
     up.add_argument("--log-dir", default="build/logs")
+    up.add_argument("--strong-llm", action="store_true",
+                    help="also start the llm-strong pool (the same embedded model, more room to answer)")
     add_stack_flags(up)
     up.set_defaults(run=cmd_up)
 

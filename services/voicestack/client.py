@@ -4,14 +4,17 @@ back. `voicestack talk`, the tests and the load generator all use it."""
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
 from voicestack.audio import PIPELINE_RATE, float_to_pcm16
-from voicestack.v1 import audio_pb2, edge_pb2, edge_pb2_grpc
+from voicestack.v1 import audio_pb2, edge_pb2, edge_pb2_grpc, tools_pb2
 
 FRAME_MS = 20
 # Silence streamed after the audio before it counts as all sent: longer than the
@@ -42,6 +45,9 @@ class Conversation:
     status: grpc.StatusCode = grpc.StatusCode.OK
     details: str = ""
     no_speech: bool = False  # converse() gave up: all audio sent and no SpeechStarted came
+    tool_calls: list[tools_pb2.ToolCall] = field(default_factory=list)
+    tool_results: list[edge_pb2.ToolResult] = field(default_factory=list)
+    tools_cancelled: list[str] = field(default_factory=list)  # call ids the edge withdrew
 
     def turn(self, index: int) -> TurnResult:
         return self.turns.setdefault(index, TurnResult(index))
@@ -81,6 +87,29 @@ class Conversation:
             self.turn(body.turn_index).interrupted = body
         elif kind == "error":
             self.errors.append(body)
+        elif kind == "tool_call":
+            self.tool_calls.append(body)
+        elif kind == "tool_call_cancelled":
+            self.tools_cancelled.append(body.call_id)
+
+
+# A client tool's implementation: its arguments in, its result (text or JSON-able) out;
+# an exception is reported to the edge as the tool's error.
+ToolFunction = Callable[[dict], "str | dict | Awaitable[str | dict]"]
+
+
+async def run_tool(call: tools_pb2.ToolCall, functions: dict[str, ToolFunction]) -> edge_pb2.ToolResult:
+    """Run one ToolCall with the client's own function for it."""
+    function = functions.get(call.name)
+    if function is None:
+        return edge_pb2.ToolResult(call_id=call.id, error=f"this client has no tool {call.name!r}")
+    try:
+        result = function(json.loads(call.arguments_json or "{}"))
+        if inspect.isawaitable(result):
+            result = await result
+    except Exception as error:  # noqa: BLE001 - the tool's failure is the agent's to handle
+        return edge_pb2.ToolResult(call_id=call.id, error=f"{type(error).__name__}: {error}")
+    return edge_pb2.ToolResult(call_id=call.id, content=result if isinstance(result, str) else json.dumps(result))
 
 
 def frames(audio: np.ndarray, frame_ms: int = FRAME_MS) -> list[bytes]:
@@ -108,6 +137,7 @@ async def converse(
     credentials: grpc.ChannelCredentials | None = None,
     on_event=None,
     no_speech_grace: float | None = None,
+    tools: dict[str, ToolFunction] | None = None,
 ) -> Conversation:
     """Stream `audio` (float32, 16 kHz) at `speed` x real time, then silence like an
     open microphone until `expect_turns` replies have ended (or `timeout`).
@@ -115,6 +145,10 @@ async def converse(
     With `no_speech_grace` (seconds): once the audio and TRAILING_SILENCE_MS of silence
     are sent, wait at most that long for a SpeechStarted; if none comes, end the call
     with `no_speech` set (the status stays OK) instead of waiting for the timeout.
+
+    `tools` answers the edge's ToolCall events (declare them in config.tools): each call
+    runs in its own task and its ToolResult goes out between audio frames; a call the
+    edge withdraws (ToolCallCancelled) is cancelled.
     """
     conversation = Conversation()
     done = asyncio.Event()
@@ -125,6 +159,20 @@ async def converse(
         config.input_format.sample_rate_hz = PIPELINE_RATE
         config.input_format.encoding = audio_pb2.AUDIO_ENCODING_PCM16
     frame_seconds = FRAME_MS / 1000 / speed
+    answers: asyncio.Queue = asyncio.Queue()  # ToolResults, sent between frames
+    running: dict[str, asyncio.Task] = {}
+
+    def take_tool_call(call: tools_pb2.ToolCall) -> None:
+        async def answer():
+            answers.put_nowait(await run_tool(call, tools or {}))
+        running[call.id] = asyncio.create_task(answer())
+        running[call.id].add_done_callback(lambda _: running.pop(call.id, None))
+
+    def next_frames():
+        while not answers.empty():
+            result = answers.get_nowait()
+            conversation.tool_results.append(result)
+            yield edge_pb2.ConverseRequest(tool_result=result)
     # A session that asks for a longer end-of-turn silence needs more of it after the audio.
     trailing_frames = max(TRAILING_SILENCE_MS, config.endpointing.silence_ms + 400) // FRAME_MS
 
@@ -133,12 +181,16 @@ async def converse(
         start = time.monotonic()
         sent = 0
         for pcm in frames(audio):
+            for answer in next_frames():
+                yield answer
             yield edge_pb2.ConverseRequest(audio=edge_pb2.AudioFrame(pcm=pcm))
             sent += 1
             await asyncio.sleep(max(0.0, start + sent * frame_seconds - time.monotonic()))
         quiet = frames(silence(FRAME_MS))[0]
         trailing = 0
         while not done.is_set():
+            for answer in next_frames():
+                yield answer
             yield edge_pb2.ConverseRequest(audio=edge_pb2.AudioFrame(pcm=quiet))
             sent += 1
             trailing += 1
@@ -150,8 +202,13 @@ async def converse(
         try:
             async for event in call:
                 conversation.record(event)
-                if event.WhichOneof("kind") == "speech_started":
+                kind = event.WhichOneof("kind")
+                if kind == "speech_started":
                     speech_heard.set()
+                elif kind == "tool_call":
+                    take_tool_call(event.tool_call)
+                elif kind == "tool_call_cancelled" and event.tool_call_cancelled.call_id in running:
+                    running[event.tool_call_cancelled.call_id].cancel()
                 if on_event:
                     on_event(event)
                 ended = [t for t in conversation.replies if t.ended or t.interrupted]
@@ -185,7 +242,63 @@ async def converse(
         finally:
             done.set()
             call.cancel()
-            for task in tasks:
+            for task in [*tasks, *running.values()]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *running.values(), return_exceptions=True)
     return conversation
+
+
+def load_tools_file(path: str) -> tuple[edge_pb2.ToolsConfig, dict[str, ToolFunction]]:
+    """A `voicestack talk --tools` file: client tools in the OpenAI function format, each
+    with how this client runs it: `"command": [argv...]` (the arguments as JSON on its
+    stdin, its stdout the result) or `"result": "fixed text"`. Optional top-level keys:
+    `end_call` (offer the built-in hang-up), `server_tools` (names), `filler`, `filler_ms`.
+
+        {"tools": [{"type": "function",
+                    "function": {"name": "get_time", "description": "The current time",
+                                 "parameters": {"type": "object", "properties": {}}},
+                    "command": ["date", "+%H:%M"], "timeout_ms": 3000}],
+         "end_call": true}
+    """
+    with open(path) as file:
+        spec = json.load(file)
+    if isinstance(spec, list):
+        spec = {"tools": spec}
+    if not isinstance(spec, dict) or not isinstance(spec.get("tools", []), list):
+        raise ValueError(f"{path}: expected a list of tools or an object with a \"tools\" list")
+    config = edge_pb2.ToolsConfig(end_call=bool(spec.get("end_call", False)),
+                                  server_tools=list(spec.get("server_tools", [])),
+                                  filler=str(spec.get("filler", "")), filler_ms=int(spec.get("filler_ms", 0)))
+    functions: dict[str, ToolFunction] = {}
+    for i, entry in enumerate(spec.get("tools", [])):
+        function = entry.get("function") if isinstance(entry, dict) else None
+        if not isinstance(function, dict) or not function.get("name"):
+            raise ValueError(f"{path}: tools[{i}] needs a \"function\" with a \"name\" (the OpenAI function format)")
+        name = function["name"]
+        config.client_tools.append(edge_pb2.ClientTool(
+            definition=tools_pb2.ToolDefinition(name=name, description=function.get("description", ""),
+                                                parameters_json=json.dumps(function.get("parameters") or {})),
+            timeout_ms=int(entry.get("timeout_ms", 0))))
+        if "command" in entry:
+            functions[name] = _command_tool(list(entry["command"]), int(entry.get("timeout_ms") or 5000) / 1000)
+        elif "result" in entry:
+            functions[name] = lambda _arguments, text=str(entry["result"]): text
+        else:
+            raise ValueError(f"{path}: tools[{i}] ({name}) needs \"command\" or \"result\": how this client runs it")
+    return config, functions
+
+
+def _command_tool(argv: list[str], timeout_s: float) -> ToolFunction:
+    async def run(arguments: dict) -> str:
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(process.communicate(json.dumps(arguments).encode()), timeout_s)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            process.kill()
+            await process.wait()
+            raise
+        if process.returncode:
+            raise RuntimeError(f"{argv[0]} exited {process.returncode}: {err.decode(errors='replace').strip()[:200]}")
+        return out.decode(errors="replace").strip()
+    return run

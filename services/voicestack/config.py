@@ -53,6 +53,12 @@ class Settings:
     llm_model: str = ""
     llm_api_key: str = field(default="", repr=False)
     llm_max_tokens: int = 80
+    # LLM replica: the pool it serves, "llm" (fast) or "llm-strong" (its own subjects,
+    # Deployment and autoscaler).
+    llm_pool: str = "llm"
+    # Edge: "auto" picks a pool per turn (edge/routing.py); "fast" sends every turn to "llm"
+    # unless the client asks (SessionConfig.llm_route).
+    llm_routing: str = "auto"
     # A little randomness keeps small models out of repetition loops; the engine
     # seeds it, so a replayed request (failover) gives the same reply.
     llm_temperature: float = 0.3
@@ -71,6 +77,17 @@ class Settings:
     # transparency). Clients cannot turn it off or interrupt it; operators can.
     disclosure: bool = True
     disclosure_text: str = "You are talking to an AI assistant."
+    # Edge, tools: said when a tool call fails (the turn then ends with an Error naming
+    # the tool), and when the agent ends the call (end_call) without words of its own.
+    tool_failure_text: str = "Sorry, I couldn't do that just now."
+    goodbye_text: str = "Goodbye."
+    # Edge, tools: a JSON or YAML file of HTTP tools and MCP servers ("" = none; README "Tools"),
+    # and the hosts their URLs may use: comma-separated names or *.suffix patterns ("*" = any).
+    # Empty allows no host, so a tool's secret headers go only where the operator says.
+    tools_file: str = ""
+    tools_allowed_hosts: str = ""
+    # Edge, tools: spoken once when a tool is slow (a session's ToolsConfig.filler replaces it).
+    tool_filler: str = "One moment."
     # Edge: speculative replies when a session does not choose (see BENCHMARKS.md).
     speculation: bool = False
     # Edge: user speech shorter than this does not interrupt the agent.

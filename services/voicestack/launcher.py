@@ -25,6 +25,11 @@ from voicestack.config import DEFAULT_GRPC_PORTS, DEFAULT_METRICS_PORTS
 # The edge needs the stages; VAD and the edge load nothing, so they come last and first.
 START_ORDER = ("vad", "stt", "llm", "tts", "edge")
 
+# `up --strong-llm`: the strong LLM pool of the embedded default, the same model given more
+# room and less randomness, so the routing is real here; a deployment points the pool at a
+# bigger model (llm_engine=openai, llm_url=...).
+STRONG_LLM = ("llm-strong", "llm", ["--llm-pool", "llm-strong", "--llm-max-tokens", "160", "--llm-temperature", "0.1"])
+
 # runtime.serve logs `ready on ADDRESS (DESCRIBE-JSON)` once a service serves.
 READY_LINE = re.compile(r"ready on \S+ \((\{.*\})\)\s*$")
 

@@ -122,6 +122,9 @@ class Meters:
             "voicestack.streams.cancelled", description="Streams cancelled by their opener (barge-in, hang-up)",
         )
         self.errors = meter.create_counter("voicestack.errors", description="Errors by stage and gRPC code")
+        self.tool_calls = meter.create_counter(
+            "voicestack.tool.calls", description="The agent's tool calls, by tool and outcome (ok, error, timeout, cancelled)",
+        )
         self.compute_seconds = meter.create_counter(
             "voicestack.compute", unit="s", description="Model compute time",
         )

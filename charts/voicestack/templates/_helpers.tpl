@@ -203,6 +203,18 @@ timeoutSeconds: {{ .probe.timeoutSeconds }}
 - name: VOICESTACK_API_KEYS_FILE
   value: "/etc/voicestack/api-keys/{{ $s.apiKeys.key }}"
 {{- end }}
+{{- if $s.tools.file }}
+- name: VOICESTACK_TOOLS_FILE
+  value: /etc/voicestack/tools/tools.yaml
+{{- end }}
+{{- with $s.tools.allowedHosts }}
+- name: VOICESTACK_TOOLS_ALLOWED_HOSTS
+  value: {{ join "," . | quote }}
+{{- end }}
+{{- with $s.tools.filler }}
+- name: VOICESTACK_TOOL_FILLER
+  value: {{ . | quote }}
+{{- end }}
 {{- end }}
 {{- if and (eq .name "stt") $s.model }}
 - name: VOICESTACK_STT_MODEL

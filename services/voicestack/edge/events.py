@@ -58,6 +58,11 @@ class RecognitionEnded:
 
 
 @dataclass
+class ToolAnswered:
+    result: edge_pb2.ToolResult  # the client's answer to a ToolCall
+
+
+@dataclass
 class ReplyDone:
     handle: SpeechHandle
 

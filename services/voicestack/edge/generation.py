@@ -27,12 +27,16 @@ from voicestack import llm, telemetry, tts
 from voicestack.edge.observer import TurnObserver
 from voicestack.edge.output import Output
 from voicestack.edge.speech import SpeechHandle
+from voicestack.edge.tool_calls import ToolError, perform_tool_calls
 from voicestack.errors import StageError, stalled
 from voicestack.v1 import edge_pb2, llm_pb2, tts_pb2
 
 log = logging.getLogger(__name__)
 
+ASSISTANT = llm_pb2.CHAT_ROLE_ASSISTANT
+
 MAX_TTS_RESUMES = 2
+FALLBACK_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 TTS_STALL_MARGIN = 1.25
 
 
@@ -49,6 +53,10 @@ class GenerationContext:
     max_tokens: int = 0
     audio_lead_ms: float = 300.0
     stall_seconds: float = 30.0  # a stage alive but silent this long while awaited has failed
+    tools: object = None  # tools.SessionTools, when the session has any
+    client_tools: object = None  # tool_calls.ClientToolCalls
+    tool_failure_text: str = "Sorry, I couldn't do that just now."
+    goodbye_text: str = "Goodbye."
 
 
 async def together(*coroutines) -> None:
@@ -162,7 +170,7 @@ class ResumableTts:
                 await self._stream.end()
 
 
-async def perform_reply(ctx: GenerationContext, handle: SpeechHandle, history: list[tuple[int, str]]) -> None:
+async def perform_reply(ctx: GenerationContext, handle: SpeechHandle, history: list[llm_pb2.ChatMessage]) -> None:
     """Produce the reply: fixed words straight to TTS, or the LLM's words as they come."""
     for text, interruptible in handle.fixed:
         await perform_fixed_speech(ctx, handle, text)
@@ -170,6 +178,8 @@ async def perform_reply(ctx: GenerationContext, handle: SpeechHandle, history: l
             handle.protected_ms = handle.audio_sent_ms
     if handle.user_text:
         await perform_llm_reply(ctx, handle, history)
+    if handle.end_call:  # the goodbye plays out before the session hangs up (a barge-in cancels this)
+        await asyncio.sleep(max(0.0, handle.audio_sent_ms - handle.played_ms()) / 1000)
 
 
 async def perform_fixed_speech(ctx: GenerationContext, handle: SpeechHandle, text: str) -> None:
@@ -192,19 +202,24 @@ async def perform_fixed_speech(ctx: GenerationContext, handle: SpeechHandle, tex
         telemetry.end_span(span)
 
 
-async def perform_llm_reply(ctx: GenerationContext, handle: SpeechHandle, history: list[tuple[int, str]]) -> None:
-    request = llm_pb2.GenerateRequest(
-        messages=[llm_pb2.ChatMessage(role=role, content=content) for role, content in history],
-        max_tokens=ctx.max_tokens, temperature=ctx.temperature)
-    llm_span = ctx.observer.stage_span(handle.turn, "llm.generate", "llm", voicestack__messages=len(request.messages))
+@dataclass
+class LlmRound:
+    """One LLM request of a reply: the first, or one after tool results."""
+
+    stream: object = None
+    span: object = None
+    sent: float = 0.0
+
+
+async def perform_llm_reply(ctx: GenerationContext, handle: SpeechHandle, history: list[llm_pb2.ChatMessage]) -> None:
+    """The LLM's answer spoken as it is written. With tools, the answer is rounds: the
+    model's calls are run (tool_calls.py), their results go back to it, and its words go
+    on into the same TTS stream; at most max_rounds rounds offer tools."""
+    messages = list(history)
     tts_span = ctx.observer.stage_span(handle.turn, "tts.synthesize", "tts")
     speech = ResumableTts(ctx)
-    llm_sent = time.monotonic()
+    current = LlmRound()
     streams: dict = {}
-
-    async def open_llm():
-        with telemetry.in_span(llm_span):  # the stage's own spans become children of this one
-            streams["llm"] = await ctx.stages.open(llm.CONTRACT, request, session_id=ctx.session_id)
 
     async def open_tts():
         with telemetry.in_span(tts_span):
@@ -213,30 +228,101 @@ async def perform_llm_reply(ctx: GenerationContext, handle: SpeechHandle, histor
 
     try:
         # Opened together; if one is refused the other is cancelled on the way out.
-        await together(open_llm(), open_tts())
-        await together(perform_llm_inference(ctx, handle, streams["llm"], speech, llm_sent, llm_span),
+        await together(_open_llm_round(ctx, handle, messages, current, offer_tools=True), open_tts())
+        await together(perform_llm_rounds(ctx, handle, messages, current, speech),
                        perform_tts_inference(ctx, handle, speech, tts_span))
     except BaseException as error:
-        for stream in streams.values():
-            with contextlib.suppress(Exception):
-                await stream.cancel()
+        for stream in (current.stream, streams.get("tts")):
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    await stream.cancel()
         if isinstance(error, StageError):
-            for span in (llm_span, tts_span):
-                if span.is_recording():
+            for span in (current.span, tts_span):
+                if span is not None and span.is_recording():
                     span.set_status(Status(StatusCode.ERROR, str(error)))
         raise
     finally:
         tts_span.set_attribute("voicestack.characters", len(handle.text))
-        for span in (llm_span, tts_span):
-            if span.is_recording():
+        for span in (current.span, tts_span):
+            if span is not None and span.is_recording():
                 span.end()
+    if handle.error is not None:  # a tool failed: its line was said, now the turn ends with its Error
+        raise handle.error
+
+
+async def _open_llm_round(ctx: GenerationContext, handle: SpeechHandle, messages: list, current: LlmRound,
+                          offer_tools: bool) -> None:
+    tools = ctx.tools.definitions() if ctx.tools is not None and offer_tools else []
+    request = llm_pb2.GenerateRequest(messages=messages, max_tokens=ctx.max_tokens, temperature=ctx.temperature,
+                                      tools=tools)
+    metrics = handle.turn.metrics
+    contract = llm.POOLS.get(metrics.llm_route, llm.CONTRACT)
+    current.span = ctx.observer.stage_span(handle.turn, "llm.generate", "llm", voicestack__messages=len(messages),
+                                           voicestack__tools=len(tools), voicestack__llm__route=contract.name,
+                                           voicestack__llm__route_reason=metrics.llm_route_reason)
+    current.sent = time.monotonic()
+    with telemetry.in_span(current.span):  # the stage's own spans become children of this one
+        try:
+            current.stream = await ctx.stages.open(contract, request, session_id=ctx.session_id)
+        except StageError as error:
+            # No strong replica, or none with room: the fast pool answers rather than nobody.
+            if contract is llm.CONTRACT or error.code not in FALLBACK_CODES:
+                raise
+            metrics.llm_route = llm.CONTRACT.name
+            metrics.llm_route_reason += f"; {contract.name} {error.code.name.lower()}, fell back to {llm.CONTRACT.name}"
+            current.span.set_attribute("voicestack.llm.route", llm.CONTRACT.name)
+            current.span.set_attribute("voicestack.llm.route_reason", metrics.llm_route_reason)
+            current.stream = await ctx.stages.open(llm.CONTRACT, request, session_id=ctx.session_id)
+
+
+async def perform_llm_rounds(ctx: GenerationContext, handle: SpeechHandle, messages: list, current: LlmRound,
+                             speech: ResumableTts) -> None:
+    rounds = 0
+    while True:
+        handle.round_start = len(handle.text)
+        calls = await perform_llm_inference(ctx, handle, current.stream, speech, current.sent, current.span)
+        if not calls:
+            break
+        rounds += 1
+        said = handle.text[handle.round_start:]
+        if said and not said[-1].isspace():
+            await speech.send(" ")  # the words before the calls end a clause: speak them now
+        asked = llm_pb2.ChatMessage(role=ASSISTANT, content=said.strip(), tool_calls=calls)
+        try:
+            results = await perform_tool_calls(ctx, handle, calls, lambda text: perform_saying(ctx, handle, speech, text))
+        except ToolError as error:
+            handle.error = error
+            await perform_saying(ctx, handle, speech, ctx.tool_failure_text)
+            break
+        handle.exchange += [asked, *results]
+        messages += [asked, *results]
+        if handle.end_call:
+            if not said.strip():
+                await perform_saying(ctx, handle, speech, ctx.goodbye_text)
+            break
+        current.stream = None
+        await _open_llm_round(ctx, handle, messages, current, offer_tools=rounds < ctx.tools.max_rounds)
+    await speech.end()
+
+
+async def perform_saying(ctx: GenerationContext, handle: SpeechHandle, speech: ResumableTts, text: str) -> None:
+    """Fixed words within an LLM reply (a filler, the failure line, a goodbye)."""
+    text = text.strip()
+    if not text:
+        return
+    handle.text += (" " if handle.text and not handle.text[-1].isspace() else "") + text + " "
+    await speech.send(text + " ")
+    if handle.released:
+        ctx.output.send(agent_text=_agent_text(handle, text + " "))
 
 
 async def perform_llm_inference(ctx: GenerationContext, handle: SpeechHandle, llm_stream, speech: ResumableTts,
-                                llm_sent: float, span) -> None:
+                                llm_sent: float, span) -> list:
     """LLM deltas to TTS as they arrive, and to the client once the reply is released
-    (a speculative reply's words stay private until its turn ends)."""
+    (a speculative reply's words stay private until its turn ends); the round's tool
+    calls, if the model made any."""
     pending: list[str] = []
+    calls: list = []
     deltas = aiter(llm_stream)
     while True:
         try:
@@ -247,22 +333,24 @@ async def perform_llm_inference(ctx: GenerationContext, handle: SpeechHandle, ll
         except TimeoutError:
             raise stalled("llm", ctx.stall_seconds) from None
         metrics = handle.turn.metrics
-        if delta.text_delta:
+        if delta.text_delta or delta.tool_calls:
             if not metrics.llm_first_token_ms:
                 ctx.observer.first_token(handle.turn, llm_sent, span)
+        if delta.text_delta:
             handle.text += delta.text_delta
             pending.append(delta.text_delta)
             await speech.send(delta.text_delta)
+        calls += delta.tool_calls
         metrics.completion_tokens = delta.completion_tokens or metrics.completion_tokens
         if handle.released and pending:
             ctx.output.send(agent_text=_agent_text(handle, "".join(pending)))
             pending.clear()
     span.set_attribute("gen_ai.usage.output_tokens", handle.turn.metrics.completion_tokens)
     span.end()
-    await speech.end()
     if pending:
-        await handle._released.wait()
+        await handle.wait_released()
         ctx.output.send(agent_text=_agent_text(handle, "".join(pending)))
+    return calls
 
 
 async def perform_tts_inference(ctx: GenerationContext, handle: SpeechHandle, speech: ResumableTts, span) -> None:

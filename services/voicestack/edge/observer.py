@@ -58,6 +58,8 @@ class TurnObserver:
         turn.metrics.llm_first_token_ms = m.llm_first_token_ms
         turn.metrics.tts_first_audio_ms = m.tts_first_audio_ms
         turn.metrics.completion_tokens = m.completion_tokens
+        turn.metrics.llm_route, turn.metrics.llm_route_reason = m.llm_route, m.llm_route_reason
+        turn.metrics.tool_calls, turn.metrics.tool_ms = m.tool_calls, m.tool_ms
         turn.metrics.speculative_hit = True
         turn.tts_first_text_at = speculation.tts_first_text_at
         telemetry.end_span(speculation.span)
@@ -111,6 +113,15 @@ class TurnObserver:
     def stage_failed(self, error: StageError) -> None:
         if self.meters:
             self.meters.errors.add(1, {"stage": error.stage or "edge", "code": error.code.name})
+
+    def tool_call(self, span, tool: str, outcome: str, seconds: float) -> None:
+        span.set_attribute("voicestack.tool.outcome", outcome)
+        if outcome != "ok":
+            span.set_status(StatusCode.ERROR, outcome)
+        span.end()
+        if self.meters:
+            self.meters.tool_calls.add(1, {"tool": tool, "outcome": outcome})
+            self.meters.stage_latency.record(seconds, {"stage": "edge", "kind": "tool"})
 
     def barge_in(self, reaction_ms: float) -> None:
         if self.meters:

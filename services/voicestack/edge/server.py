@@ -18,6 +18,7 @@ from voicestack.bus import TTS_VOICES_SUBJECT, StageClient
 from voicestack.config import Settings
 from voicestack.edge.admission import Admission
 from voicestack.edge.session import Session
+from voicestack.edge.tools import ServerTools, SessionTools
 from voicestack.errors import ServiceError, StageError, invalid
 from voicestack.runtime import end_call
 from voicestack.v1 import audio_pb2, edge_pb2, edge_pb2_grpc
@@ -28,6 +29,7 @@ TTS_SAMPLE_RATE = 24000
 MAX_SYSTEM_PROMPT_CHARS = 4000
 MAX_GREETING_CHARS = 1000  # spoken before anything else: a paragraph, not a document
 MAX_FRAME_MS = 100
+MAX_TOOL_RESULT_CHARS = 16000  # what an LLM can use of one result in a voice turn
 MIN_FRAME_MS = 5  # shorter frames lose samples to resampling
 SLOW_CLIENT_SECONDS = 10.0
 # A call that sends no SessionConfig holds a session place (and its key's) for nothing.
@@ -79,6 +81,19 @@ def validate_config(config: edge_pb2.SessionConfig) -> None:
         raise invalid("max_reply_tokens must be 0-1024")
 
 
+def wants_tools(config: edge_pb2.SessionConfig) -> bool:
+    t = config.tools
+    return bool(t.client_tools or t.server_tools or t.end_call)
+
+
+def validate_tool_result(result: edge_pb2.ToolResult) -> None:
+    if not result.call_id:
+        raise invalid("tool_result.call_id is empty; answer a ToolCall with its id")
+    if len(result.content) + len(result.error) > MAX_TOOL_RESULT_CHARS:
+        raise invalid(f"tool_result for call {result.call_id} is over {MAX_TOOL_RESULT_CHARS} characters; "
+                      "return a summary the agent can speak")
+
+
 def validate_frame(pcm: bytes, sample_rate: int) -> None:
     if not pcm:
         raise invalid("empty audio frame; send 20-100 ms of PCM16 per frame")
@@ -96,6 +111,8 @@ class EdgeService:
     grpc_service_names = [edge_pb2.DESCRIPTOR.services_by_name["EdgeService"].full_name]
 
     def __init__(self, settings: Settings):
+        if settings.llm_routing not in ("auto", "fast"):
+            raise ValueError(f"llm_routing must be \"auto\" or \"fast\", not {settings.llm_routing!r}")
         self.settings = settings
         self.capacity = settings.capacity
         self.admission = Admission(settings.api_keys_file)
@@ -104,6 +121,7 @@ class EdgeService:
         self._no_calls = asyncio.Event()
         self._no_calls.set()
         self.stages: StageClient | None = None
+        self.server_tools: ServerTools | None = None
         self.meters = None
         self.draining = False
         self.served = self.refused = self.errors = 0
@@ -161,6 +179,9 @@ class EdgeService:
         self.meters = meters
         self.stages = StageClient(nc, peer_timeout=self.settings.peer_timeout_seconds)
         await self.stages.start()
+        # HTTP tools and MCP servers are checked and listed once, here: a bad tools file
+        # stops the edge at start, not in a caller's turn.
+        self.server_tools = await ServerTools.start(self.settings)
 
     async def drain(self, deadline_seconds: float) -> None:
         """Tell every client to move (GoAway), let sessions end until the deadline."""
@@ -172,6 +193,8 @@ class EdgeService:
             await asyncio.wait_for(self._no_calls.wait(), deadline_seconds)
         if self.stages:
             await self.stages.close()
+        if self.server_tools:
+            await self.server_tools.aclose()
 
     async def check_voice(self, voice: str) -> None:
         """Refuse an unknown voice at session start, not at the first reply. The TTS
@@ -227,9 +250,10 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 if first is None or first.WhichOneof("kind") != "config":
                     raise invalid("the first message must be a SessionConfig; send it before any audio")
                 validate_config(first.config)
+                tools = SessionTools.from_config(first.config.tools, edge.server_tools) if wants_tools(first.config) else None
                 await edge.check_voice(first.config.voice)
                 session = await held.enter_async_context(
-                    Session(uuid.uuid4().hex, edge.stages, first.config, edge.settings, edge.meters))
+                    Session(uuid.uuid4().hex, edge.stages, first.config, edge.settings, edge.meters, tools=tools))
                 held.enter_context(edge.listed(session))
                 await self._write(context, edge_pb2.ConverseResponse(session_started=edge_pb2.SessionStarted(
                     session_id=session.id, output_sample_rate_hz=TTS_SAMPLE_RATE)))
@@ -283,12 +307,15 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                     await session.on_audio(request.audio.pcm)
                 elif kind == "playback":
                     session.on_playback(request.playback)
+                elif kind == "tool_result":
+                    validate_tool_result(request.tool_result)
+                    session.on_tool_result(request.tool_result)
                 elif kind == "config":
                     raise invalid("SessionConfig was already sent; send it once, first")
                 elif kind == "malformed":
                     raise invalid("malformed ConverseRequest: not a valid protobuf (check the message type and UTF-8 strings)")
                 else:
-                    raise invalid("empty ConverseRequest; set config, audio or playback")
+                    raise invalid("empty ConverseRequest; set config, audio, playback or tool_result")
             session.finish_input()
         except ServiceError as error:
             session.fail(error)

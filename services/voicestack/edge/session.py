@@ -30,14 +30,17 @@ from dataclasses import dataclass
 
 import grpc
 
+from voicestack import llm
 from voicestack.audio import PIPELINE_RATE, VAD_WINDOW_SAMPLES, float_to_pcm16, pcm16_to_float, resample
 from voicestack.edge.events import (AudioIn, Failed, HooksToInbox, InputEnded, Playback, RecognitionEnded,
-                                    ReplyDone, Transcribed, Transcript, VadDecision)
+                                    ReplyDone, ToolAnswered, Transcribed, Transcript, VadDecision)
 from voicestack.edge.generation import GenerationContext, perform_reply
 from voicestack.edge.observer import TurnObserver, TurnRecord
 from voicestack.edge.output import Output
 from voicestack.edge.recognition import Recognition, Utterance
+from voicestack.edge.routing import Route, choose_route, tool_words
 from voicestack.edge.speech import SpeechHandle, SpeechScheduler
+from voicestack.edge.tool_calls import ClientToolCalls
 from voicestack.edge.turn_taking import TurnTaking, same_words
 from voicestack.errors import ServiceError, StageError
 from voicestack.v1 import edge_pb2, llm_pb2, vad_pb2
@@ -66,18 +69,25 @@ class UserTurn:
         return self.utterance.index
 
 
+def _message(role: int, content: str) -> llm_pb2.ChatMessage:
+    return llm_pb2.ChatMessage(role=role, content=content)
+
+
 class Session:
     """`async with Session(...) as session:` opens its VAD stream (StageError if it cannot)
     and runs the conversation until `session.output` closes; leaving the block stops
     every task and cancels every stage stream the session holds."""
 
-    def __init__(self, session_id: str, stages, config: edge_pb2.SessionConfig, settings, meters=None):
+    def __init__(self, session_id: str, stages, config: edge_pb2.SessionConfig, settings, meters=None,
+                 tools=None):
         self.id = session_id
         self.settings = settings
         self.input_rate = config.input_format.sample_rate_hz or PIPELINE_RATE
         self.turn_taking = tt = TurnTaking.from_config(config, settings)
         self.greeting = config.greeting
-        self.history: list[tuple[int, str]] = [(SYSTEM, config.system_prompt or settings.system_prompt)]
+        self.llm_route_hint = config.llm_route
+        self.tool_vocabulary = tool_words(tools.definitions()) if tools is not None else set()
+        self.history: list[llm_pb2.ChatMessage] = [_message(SYSTEM, config.system_prompt or settings.system_prompt)]
         self.inbox: asyncio.Queue = asyncio.Queue()
         self._inbox_low = asyncio.Event()
         self.output = Output()
@@ -85,7 +95,9 @@ class Session:
         self.generation = GenerationContext(
             stages, session_id, self.output, self.observer, voice=config.voice,
             temperature=settings.llm_temperature, max_tokens=config.max_reply_tokens,
-            audio_lead_ms=settings.audio_lead_ms, stall_seconds=settings.stage_stall_seconds)
+            audio_lead_ms=settings.audio_lead_ms, stall_seconds=settings.stage_stall_seconds,
+            tools=tools, client_tools=ClientToolCalls(self.output),
+            tool_failure_text=settings.tool_failure_text, goodbye_text=settings.goodbye_text)
         self.recognition = Recognition(
             session_id, stages, HooksToInbox(self.inbox), self._spawn,
             vad_pb2.VadConfig(sample_rate_hz=PIPELINE_RATE, min_silence_ms=tt.silence_ms,
@@ -196,6 +208,9 @@ class Session:
     def fail(self, error: ServiceError) -> None:
         self.inbox.put_nowait(Failed(error))
 
+    def on_tool_result(self, result: edge_pb2.ToolResult) -> None:
+        self.inbox.put_nowait(ToolAnswered(result))
+
     # ------------------------------------------------------------ decisions
 
     async def _handle(self, event) -> None:
@@ -226,6 +241,8 @@ class Session:
             self.recognition_ended = True
             if self.user is not None:  # the audio ended mid-speech: that is the end of the turn
                 await self._end_user_turn(self.recognition.audio_ms)
+        elif isinstance(event, ToolAnswered):
+            self.generation.client_tools.answer(event.result)
         elif isinstance(event, Failed):
             self.output.close(event.error)
 
@@ -348,7 +365,7 @@ class Session:
             turn.speculation = None
         else:
             handle = SpeechHandle(turn.index, user_text=text, turn=turn.record)
-        self._add_history(USER, text)
+        self._add_history(_message(USER, text))
         self.speech.release(handle)
         if handle.task is None:
             self._start_reply(handle)
@@ -376,7 +393,10 @@ class Session:
                 handle.user_text = await self.recognition.transcribe(transcribe_from_ms, span=handle.turn.span)
                 if not handle.user_text:
                     return
-            history = self.history if handle.released else [*self.history, (USER, handle.user_text)]
+            history = self.history if handle.released else [*self.history, _message(USER, handle.user_text)]
+            if handle.user_text:
+                route = self._route(handle.user_text, len(history))
+                handle.turn.metrics.llm_route, handle.turn.metrics.llm_route_reason = route.pool, route.reason
             await perform_reply(self.generation, handle, list(history))
         except StageError as error:
             handle.error = error
@@ -390,13 +410,13 @@ class Session:
             return  # a held speculation (its turn decides), or a reply already ended
         if handle.error is not None:
             said = handle.sent_text()
-            if handle.user_text and said:
-                self._add_history(ASSISTANT, said)
+            if handle.user_text:
+                self._keep_reply(handle, said)
             self._end_turn(handle.turn_index, handle.turn, error=handle.error, text=said)
             return
         text = handle.text.strip()
         if handle.user_text:
-            self._add_history(ASSISTANT, text)
+            self._keep_reply(handle, text)
         m = handle.turn.metrics
         m.speculative_hits, m.speculative_misses = self.speculative_hits, self.speculative_misses
         m.interruptions = self.interruptions
@@ -404,6 +424,9 @@ class Session:
         self.output.send(turn_metrics=m)
         self.output.send(turn_trace=trace)
         self._end_turn(handle.turn_index, None, text=text)
+        if handle.end_call:  # the agent hung up (end_call), its goodbye played: the call ends with OK
+            log.info("session %s: ended by the agent (end_call)", self.id)
+            self.output.close()
 
     def _drop_unheard_replies(self, keep: SpeechHandle | None = None) -> None:
         """Answers the user has not heard a word of are stale once the user speaks on:
@@ -416,16 +439,35 @@ class Session:
             self.replies.discard(handle)
             self._end_turn(handle.turn_index, handle.turn, cancelled=True)
 
-    def _add_history(self, role: int, text: str) -> None:
-        last_role, content = self.history[-1]
-        if role == USER and last_role == USER:  # a turn whose reply was cut before a word: one message
-            self.history[-1] = (USER, f"{content} {text}")
+    def _keep_reply(self, handle: SpeechHandle, said: str) -> None:
+        """Into the history: the reply's tool calls and results, then the words of its last
+        round that were `said` (all of them, or what the client heard)."""
+        for message in handle.exchange:
+            self._add_history(message)
+        earlier_words = len(handle.text[:handle.round_start].split()) if handle.exchange else 0
+        said = " ".join(said.split()[earlier_words:])
+        if said:
+            self._add_history(_message(ASSISTANT, said))
+
+    def _add_history(self, message: llm_pb2.ChatMessage) -> None:
+        last = self.history[-1]
+        if message.role == USER and last.role == USER:  # a turn whose reply was cut before a word: one message
+            self.history[-1] = _message(USER, f"{last.content} {message.content}")
         else:
-            self.history.append((role, text))
+            self.history.append(message)
         # The LLM stage fits the history to its model's context by tokens; this bound only
         # keeps a long call's requests under the stage's message limit and the bus's payload.
         while len(self.history) > MAX_HISTORY_MESSAGES + 1:
-            del self.history[1:3]  # the oldest turn: a user message and its answer
+            # The oldest turn: its user message and everything up to the next one (the
+            # answer, with any tool calls and results, which must not be split).
+            end = next((i for i in range(2, len(self.history)) if self.history[i].role == USER), len(self.history))
+            del self.history[1:end]
+
+    def _route(self, user_text: str, history_messages: int) -> Route:
+        if self.settings.llm_routing == "fast" and not self.llm_route_hint:
+            return Route(llm.CONTRACT, "routing off (llm_routing=fast)")
+        return choose_route(user_text, hint=self.llm_route_hint, tool_vocabulary=self.tool_vocabulary,
+                            history_messages=history_messages)
 
     # ------------------------------------------------------------ speculation
 
@@ -469,8 +511,8 @@ class Session:
         self._drop_unheard_replies()  # an answer queued behind it is stale too
         u.over_agent = False
         self.interruptions += 1
-        if reply.user_text and heard:
-            self._add_history(ASSISTANT, heard)
+        if reply.user_text:
+            self._keep_reply(reply, heard)
         reaction_ms = (time.monotonic() - u.utterance.speech_wall) * 1000
         self.observer.barge_in(reaction_ms)
         self.observer.turn_ended(reply.turn, cancelled=True)

@@ -50,6 +50,12 @@ class SpeechHandle:
     protected_ms: float = -1.0  # audio before this cannot be interrupted (-1: none; 0: not yet known)
     error: StageError | None = None
     interrupted: bool = False
+    # Tool rounds: the assistant calls and tool results so far (for the history), where
+    # the text of the round now generating starts, and what the calls asked for.
+    exchange: list = field(default_factory=list)
+    round_start: int = 0
+    filler_spoken: bool = False
+    end_call: bool = False
     task: asyncio.Task | None = None
     _released: asyncio.Event = field(default_factory=asyncio.Event)
     _may_speak: asyncio.Event = field(default_factory=asyncio.Event)
@@ -63,6 +69,9 @@ class SpeechHandle:
     @property
     def released(self) -> bool:
         return self._released.is_set()
+
+    async def wait_released(self) -> None:
+        await self._released.wait()
 
     async def wait_to_speak(self) -> None:
         """Until this reply is released (a held speculation is not) and its turn to speak."""
