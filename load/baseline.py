@@ -5,7 +5,7 @@ load-generator session:
   VAD       Silero over the caller's audio in 20 ms frames, as the edge feeds it;
             endpointing = from the frame holding the end of speech to the frame on
             which the VAD decided it ended (its silence wait), plus that frame's compute
-  STT       Whisper on the utterance as the edge sends it (200 ms pre-roll through
+  STT       Whisper on the utterance as the edge sends it (its pre-roll through
             the deciding frame), with the STT stage's own rule for when to decode
             (stt/engine.py's DecodeSchedule: at a 200 ms pause in speech, and every 0.8 s
             of new audio for interim results): the decodes run here one after another, and each is placed
@@ -42,9 +42,9 @@ import numpy as np
 from load.stats import STAGE_METRICS, fmt_ms, summarize, summarize_turns, table, write_json
 from voicestack.audio import PIPELINE_RATE, float_to_pcm16
 from voicestack.config import Settings
+from voicestack.edge.recognition import PRE_ROLL_MS  # the edge's, so both send the STT the same audio
 
 FRAME_MS = 20
-PRE_ROLL_MS = 200  # as edge/session.py
 SILENCE_MS = 600  # the edge's default endpointing silence (TurnTaking.silence_ms)
 MIN_SPEECH_MS = 200  # TurnTaking.min_speech_ms
 

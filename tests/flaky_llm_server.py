@@ -12,6 +12,10 @@ once the script is used up:
   drop_mid_stream  3 words, then the socket closes (no finish_reason, no last chunk)
   error_first      HTTP 500 before any token
   stall            2 words, then nothing for `stall_seconds` (or until stop())
+  tool_calls       `tool_text` word by word (if any), then `tool_calls` as vLLM and OpenAI
+                   stream them: per call, a fragment with its index, id, type and name, then
+                   its arguments' JSON in pieces of `fragment_chars`; the last chunk has
+                   finish_reason `tool_finish` ("tool_calls"), then [DONE]
 
 Only `stream: true` is served (all OpenAIEngine sends). GET /v1/models lists `model`.
 """
@@ -26,14 +30,17 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 REPLY = "Paris is the capital of France."
-BEHAVIOURS = ("ok", "drop_mid_stream", "error_first", "stall")
+BEHAVIOURS = ("ok", "drop_mid_stream", "error_first", "stall", "tool_calls")
+# What `tool_calls` streams unless told otherwise: (id, name, arguments JSON).
+TOOL_CALLS = (("call_weather_1", "get_weather", '{"city": "Paris", "unit": "celsius"}'),)
 DROP_AFTER_WORDS = 3
 STALL_AFTER_WORDS = 2
 
 
 class FlakyLlmServer:
     def __init__(self, script=(), default: str = "ok", model: str = "flaky-test-model", reply: str = REPLY,
-                 word_delay: float = 0.02, stall_seconds: float = 600.0):
+                 word_delay: float = 0.02, stall_seconds: float = 600.0, tool_calls=TOOL_CALLS,
+                 tool_text: str = "", fragment_chars: int = 5, tool_finish: str = "tool_calls"):
         for behaviour in (*script, default):
             _check(behaviour)
         self._script = deque(script)
@@ -44,6 +51,10 @@ class FlakyLlmServer:
         self.reply = reply
         self.word_delay = word_delay  # a little pacing, like real token streaming
         self.stall_seconds = stall_seconds
+        self.tool_calls = tool_calls
+        self.tool_text = tool_text
+        self.fragment_chars = fragment_chars
+        self.tool_finish = tool_finish
         self.requests: list[tuple[str, dict]] = []  # (behaviour, request body) for every chat request served
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
@@ -98,6 +109,17 @@ def _check(behaviour: str) -> None:
         raise ValueError(f"unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
 
 
+def _call_fragments(calls, size: int) -> list[dict]:
+    """Each call as streamed deltas: its head (index, id, type, name, no arguments yet), then
+    its arguments' JSON cut into pieces of `size` characters."""
+    fragments = []
+    for index, (ident, name, arguments) in enumerate(calls):
+        fragments.append({"index": index, "id": ident, "type": "function", "function": {"name": name, "arguments": ""}})
+        fragments += [{"index": index, "function": {"arguments": arguments[i: i + size]}}
+                      for i in range(0, len(arguments), size)]
+    return fragments
+
+
 def _handler_for(server: FlakyLlmServer):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # chunked streaming, as vLLM answers
@@ -125,6 +147,8 @@ def _handler_for(server: FlakyLlmServer):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             words = server.reply.split(" ")
+            if behaviour == "tool_calls":
+                words = server.tool_text.split(" ") if server.tool_text else []
             limit = {"drop_mid_stream": DROP_AFTER_WORDS, "stall": STALL_AFTER_WORDS}.get(behaviour, len(words))
             created, ident = int(time.time()), f"chatcmpl-flaky-{len(server.requests)}"
             try:
@@ -146,10 +170,20 @@ def _handler_for(server: FlakyLlmServer):
                     server._stopping.wait(server.stall_seconds)
                     self.close_connection = True
                     return
+                finish, generated = "stop", len(words)
+                if behaviour == "tool_calls":
+                    fragments = _call_fragments(server.tool_calls, server.fragment_chars)
+                    generated += len(fragments)
+                    for fragment in fragments:
+                        self._event({"id": ident, "object": "chat.completion.chunk", "created": created,
+                                     "model": server.model, "choices": [
+                                         {"index": 0, "delta": {"tool_calls": [fragment]}, "finish_reason": None}]})
+                        time.sleep(server.word_delay)
+                    finish = server.tool_finish
                 self._event({"id": ident, "object": "chat.completion.chunk", "created": created, "model": server.model,
-                             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                             "usage": {"prompt_tokens": 12, "completion_tokens": len(words),
-                                       "total_tokens": 12 + len(words)}})
+                             "choices": [{"index": 0, "delta": {}, "finish_reason": finish}],
+                             "usage": {"prompt_tokens": 12, "completion_tokens": generated,
+                                       "total_tokens": 12 + generated}})
                 self._chunk(b"data: [DONE]\n\n")
                 self._chunk(b"")  # the chunked body's end
             except (BrokenPipeError, ConnectionResetError):

@@ -3,7 +3,8 @@
 No Kubernetes API server can run here, so nothing is applied. What is proved:
 - `helm lint --strict` and `helm template` pass for the default values, values-gpu.yaml,
   values-keda.yaml, values-cpu-minimal.yaml and a few --set variants that light up the
-  remaining branches (Prometheus Adapter HPAs, TLS/keys/credentials/OTel, external LLM, GPU llama.cpp);
+  remaining branches (Prometheus Adapter HPAs, TLS/keys/credentials/OTel, external LLM, GPU llama.cpp,
+  the llm-strong pool with each engine and autoscaler);
 - every rendered manifest validates against the Kubernetes 1.30 OpenAPI schemas (strict:
   unknown fields fail), and every KEDA ScaledObject against a schema written from KEDA's CRD;
 - policies over the rendered manifests (GPUs, probes, resources, security context, PDBs,
@@ -34,6 +35,7 @@ import pytest
 import yaml
 
 from voicestack.config import SERVICES, Settings, load_settings
+from voicestack.llm import POOLS as LLM_POOLS
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "voicestack"
@@ -81,7 +83,20 @@ VARIANTS = {
     ], {"stt", "tts"}, "cpu-hpa"),
     "llamacpp-gpu": (["--set", "stages.llm.engine=llamacpp", "--set", "stages.llm.image.target=llm"],
                      {"stt", "llm", "tts"}, "cpu-hpa"),
+    # The strong LLM pool (stages.llmStrong, off by default): vLLM, KEDA, external + adapter HPA, CPU.
+    "llm-strong": (["--set", "stages.llmStrong.enabled=true"], {"stt", "llm", "llm-strong", "tts"}, "cpu-hpa"),
+    "llm-strong-keda": (["-f", "values-gpu.yaml", "-f", "values-keda.yaml", "--set", "stages.llmStrong.enabled=true"],
+                        {"stt", "llm", "llm-strong", "tts"}, "keda"),
+    "llm-strong-external": ([
+        "-f", "values-gpu.yaml", "--set", "autoscaling.hpa.enabled=true", "--set", "stages.llmStrong.enabled=true",
+        "--set", "stages.llmStrong.engine=external", "--set", "stages.llmStrong.gpu=0",
+        "--set", "stages.llmStrong.external.url=https://strong.example.com/v1", "--set", "stages.llmStrong.external.model=big",
+        "--set-json", 'stages.llmStrong.external.apiKeySecret={"name":"strong-llm-key","key":"token"}',
+        "--set-json", 'stages.llmStrong.networkPolicy.extraEgress=[{"ports":[{"port":443,"protocol":"TCP"}]}]',
+    ], {"stt", "llm", "tts"}, "pods-hpa"),
+    "llm-strong-cpu": (["-f", "values-cpu-minimal.yaml", "--set", "stages.llmStrong.enabled=true"], set(), None),
 }
+STRONG_VARIANTS = [v for v in VARIANTS if v.startswith("llm-strong")]
 FILE_VARIANTS = ["default", "gpu", "keda", "cpu-minimal"]
 
 
@@ -139,6 +154,11 @@ def deployments(docs: list[dict]) -> dict[str, dict]:
     return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in of_kind(docs, "Deployment")}
 
 
+def service_of(stage: str) -> str:
+    """What a Deployment's container runs (`voicestack serve <service>`): both LLM pools run llm."""
+    return "llm" if stage in LLM_POOLS else stage
+
+
 def pod_spec(deployment: dict) -> dict:
     return deployment["spec"]["template"]["spec"]
 
@@ -168,7 +188,7 @@ def test_helm_lint_strict(helm, name):
 
 def test_every_stage_gets_its_objects(docs):
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    for stage in SERVICES:
+    for stage in sorted(set(SERVICES) | set(deployments(docs))):
         full = f"{RELEASE}-voicestack-{stage}"
         for kind in ("Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "NetworkPolicy"):
             assert (kind, full) in names, f"{kind} {full} missing"
@@ -200,8 +220,9 @@ def test_manifests_validate_against_kubernetes_schemas(docs):
 @pytest.mark.parametrize("name", [v for v in VARIANTS if VARIANTS[v][2] == "keda"])
 def test_scaled_objects_match_keda_crd(helm, name):
     schema = json.loads(KEDA_SCHEMA.read_text())
-    scaled = of_kind(render(helm, name), "ScaledObject")
-    assert len(scaled) == 5
+    docs = render(helm, name)
+    scaled = of_kind(docs, "ScaledObject")
+    assert len(scaled) == len(of_kind(docs, "Deployment")) >= 5
     for obj in scaled:
         errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(obj), key=lambda e: list(e.path))
         assert not errors, "\n".join(f"{obj['metadata']['name']}: {e.message} at {list(e.path)}" for e in errors)
@@ -320,7 +341,7 @@ def test_autoscalers_target_their_own_stage_with_exported_metrics(docs, variant)
                 query = trigger["metadata"]["query"]
                 names = set(re.findall(r"\bvoicestack_[a-z_]+\b", query))
                 assert names == {"voicestack_streams_active", "voicestack_streams_capacity"}, query
-                assert set(re.findall(r'\bstage="([a-z]+)"', query)) == {stage}, query
+                assert set(re.findall(r'\bstage="([a-z-]+)"', query)) == {stage}, query
                 assert f'namespace="{NAMESPACE}"' in query and ref["name"] in query
         else:
             low, high = obj["spec"]["minReplicas"], obj["spec"]["maxReplicas"]
@@ -394,7 +415,7 @@ def test_environment_is_the_services_runtime_contract(docs):
     settings_env = {f"VOICESTACK_{f.name.upper()}" for f in fields(Settings)}
     for stage, deployment in deployments(docs).items():
         container = stage_container(stage, deployment)
-        assert container["args"] == ["serve", stage]
+        assert container["args"] == ["serve", service_of(stage)]
         env = env_of(container)
         unknown = {n for n in env if n.startswith("VOICESTACK_")} - settings_env - EXTRA_VOICESTACK_ENV
         assert not unknown, f"{stage}: {unknown} are not settings of services/voicestack/config.py"
@@ -408,9 +429,12 @@ def test_environment_is_the_services_runtime_contract(docs):
         assert "k8s.pod.name=$(POD_NAME)" in env["OTEL_RESOURCE_ATTRIBUTES"]["value"]
         # The process accepts what the chart gives it (load_settings exits on a malformed value).
         literal = {k: e["value"] for k, e in env.items() if "value" in e}
-        settings = load_settings(stage, environ=literal)
+        settings = load_settings(service_of(stage), environ=literal)
         assert settings.grpc_host == "0.0.0.0" and settings.capacity >= 1
-        if stage == "llm":
+        if stage == "edge":
+            assert settings.llm_routing in ("auto", "fast")
+        if service_of(stage) == "llm":
+            assert settings.llm_pool == stage, "a replica serves the pool its Deployment is for"
             vllm = [c for c in pod_spec(deployment)["containers"] if c["name"] == "vllm"]
             if vllm:
                 port = vllm[0]["ports"][0]["containerPort"]
@@ -456,7 +480,8 @@ def test_network_policies_expose_only_the_edge(docs, variant):
         egress_ports = {port["port"] for rule in spec["egress"] for port in rule["ports"]}
         allowed = {53, 4222} | ({4317} if variant == "secured" else set())
         has_vllm = any(c["name"] == "vllm" for c in pod_spec(deployment)["containers"])
-        if stage == "llm" and (has_vllm or variant == "external-llm"):
+        external = env_of(stage_container(stage, deployment)).get("VOICESTACK_LLM_URL", {}).get("value", "")
+        if service_of(stage) == "llm" and (has_vllm or external.startswith("https://")):
             allowed |= {443}  # vLLM's model download, or the external LLM endpoint
         assert egress_ports <= allowed, f"{stage} may reach {egress_ports - allowed}"
         assert {53, 4222} <= egress_ports, f"{stage} must reach DNS and NATS"
@@ -511,6 +536,98 @@ def test_notes_render(helm, tmp_path):
         assert ("WARNING: the edge is exposed through a LoadBalancer without TLS" in text) == bool(extra)
 
 
+# ---------------------------------------------------------------- the LLM pools (llm, llm-strong)
+
+
+STRONG = f"{RELEASE}-voicestack-llm-strong"
+
+
+def literal_env(container: dict) -> dict[str, str]:
+    return {k: e["value"] for k, e in env_of(container).items() if "value" in e}
+
+
+def pod_regex(query: str) -> str:
+    match = re.search(r'pod=~"([^"]+)"', query)
+    assert match, query
+    return match[1]
+
+
+def test_llm_strong_renders_nothing_unless_enabled(helm):
+    """Off by default (and in every values file): no object, name or label says llm-strong, the
+    fast pool serves `llm`, and the edge routes (auto) with the fast pool as its fallback."""
+    for variant in (v for v in VARIANTS if v not in STRONG_VARIANTS):
+        docs = render(helm, variant)
+        assert "llm-strong" not in json.dumps(docs), variant
+        assert set(deployments(docs)) == set(SERVICES), variant
+        fast = literal_env(stage_container("llm", deployments(docs)["llm"]))
+        assert load_settings("llm", environ=fast).llm_pool == "llm", variant
+        edge = literal_env(stage_container("edge", deployments(docs)["edge"]))
+        assert edge["VOICESTACK_LLM_ROUTING"] == "auto", variant
+
+
+@pytest.mark.parametrize("name", STRONG_VARIANTS)
+def test_llm_strong_is_its_own_pool(helm, name):
+    docs = render(helm, name)
+    by_stage = deployments(docs)
+    strong, fast = by_stage["llm-strong"], by_stage["llm"]
+    assert strong["metadata"]["name"] == STRONG
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for kind in ("Service", "ServiceAccount", "PodDisruptionBudget", "NetworkPolicy"):
+        assert (kind, STRONG) in names, kind
+    # The same LLM service, serving the pool llm-strong (its own NATS subjects).
+    container = stage_container("llm-strong", strong)
+    assert container["args"] == ["serve", "llm"]
+    env = literal_env(container)
+    assert env["VOICESTACK_LLM_POOL"] == "llm-strong"
+    settings = load_settings("llm", environ=env)
+    assert settings.llm_pool == "llm-strong" and settings.llm_pool in LLM_POOLS
+    assert load_settings("llm", environ=literal_env(stage_container("llm", fast))).llm_pool == "llm"
+    # Its own engine settings: another model or server than the fast pool's.
+    fast_env = literal_env(stage_container("llm", fast))
+    assert (env.get("VOICESTACK_LLM_URL"), env.get("VOICESTACK_LLM_MODEL"), env.get("VOICESTACK_LLM_MAX_TOKENS")) != \
+        (fast_env.get("VOICESTACK_LLM_URL"), fast_env.get("VOICESTACK_LLM_MODEL"), fast_env.get("VOICESTACK_LLM_MAX_TOKENS"))
+    # Its own autoscaler, on its own pods' utilisation; the fast pool's does not count them.
+    mode = VARIANTS[name][2]
+    targets = {obj["spec"]["scaleTargetRef"]["name"]: obj for _, obj in autoscalers(docs)}
+    if mode is None:
+        assert not targets and strong["spec"]["replicas"] >= 1
+    else:
+        mine, theirs = targets[STRONG], targets[fast["metadata"]["name"]]
+        assert mine["metadata"]["labels"]["app.kubernetes.io/component"] == "llm-strong"
+        strong_pod, fast_pod = f"{STRONG}-5d9c7b6f4-x2x7q", f"{RELEASE}-voicestack-llm-5d9c7b6f4-x2x7q"
+        if mode == "keda":
+            query, fast_query = (o["spec"]["triggers"][0]["metadata"]["query"] for o in (mine, theirs))
+            assert 'stage="llm-strong"' in query and 'stage="llm"' in fast_query
+            assert re.fullmatch(pod_regex(query), strong_pod) and not re.fullmatch(pod_regex(query), fast_pod)
+            assert re.fullmatch(pod_regex(fast_query), fast_pod) and not re.fullmatch(pod_regex(fast_query), strong_pod)
+        elif mode == "pods-hpa":
+            assert mine["spec"]["metrics"][0]["pods"]["metric"]["selector"] == {"matchLabels": {"stage": "llm-strong"}}
+    # The edge routes by default, and the chart's value sets it.
+    edge = literal_env(stage_container("edge", by_stage["edge"]))
+    assert edge["VOICESTACK_LLM_ROUTING"] == "auto"
+
+
+def test_values_without_the_pool_still_render(helm):
+    """`helm upgrade --reuse-values` from a release older than the pool brings values without
+    stages.llmStrong and stages.edge.llmRouting: no strong pool, and the edge's own default (auto)."""
+    out = run_helm(helm, "template", RELEASE, ".", "--namespace", NAMESPACE,
+                   "--set", "stages.llmStrong=null", "--set", "stages.edge.llmRouting=null")
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert set(deployments(docs)) == set(SERVICES)
+    edge = literal_env(stage_container("edge", deployments(docs)["edge"]))
+    assert "VOICESTACK_LLM_ROUTING" not in edge and load_settings("edge", environ=edge).llm_routing == "auto"
+
+
+def test_edge_routing_is_a_value(helm):
+    out = run_helm(helm, "template", RELEASE, ".", "--namespace", NAMESPACE, "--set", "stages.edge.llmRouting=fast")
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    edge = literal_env(stage_container("edge", deployments(docs)["edge"]))
+    assert edge["VOICESTACK_LLM_ROUTING"] == "fast"
+    assert load_settings("edge", environ=edge).llm_routing == "fast"
+
+
 # ---------------------------------------------------------------- values and their schema
 
 
@@ -544,6 +661,18 @@ def test_schema_rejects_a_utilisation_target_above_one(helm):
 def test_template_rejects_a_gpu_for_an_external_llm(helm):
     error = helm_error(helm, "--set", "stages.llm.engine=external", "--set", "stages.llm.external.url=https://x/v1")
     assert "stages.llm.gpu must be 0 when stages.llm.engine is external" in error, error
+    error = helm_error(helm, "--set", "stages.llmStrong.enabled=true", "--set", "stages.llmStrong.engine=external",
+                       "--set", "stages.llmStrong.external.url=https://x/v1")
+    assert "stages.llmStrong.gpu must be 0 when stages.llmStrong.engine is external" in error, error
+
+
+def test_schema_is_strict_about_the_llm_pools(helm):
+    error = helm_error(helm, "--set", "stages.llmStrong.replica=2")
+    assert "at '/stages/llmStrong': additional properties 'replica' not allowed" in error, error
+    error = helm_error(helm, "--set", "stages.llmStrong.engine=sglang")
+    assert "at '/stages/llmStrong/engine'" in error, error
+    error = helm_error(helm, "--set", "stages.edge.llmRouting=smart")
+    assert "at '/stages/edge/llmRouting'" in error, error
 
 
 KEY_LINE = re.compile(r"^(\s*)([A-Za-z0-9_.\-/\"]+):(\s|$)")

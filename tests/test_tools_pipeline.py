@@ -39,14 +39,15 @@ async def test_a_spoken_question_is_answered_with_the_time_a_client_tool_returne
     assert conversation.status.name == "OK", conversation.details
     assert not conversation.errors, conversation.errors
     [turn] = conversation.replies
-    assert [c.name for c in conversation.tool_calls] == ["get_time"], conversation.tool_calls
+    assert [c.name for c in conversation.tool_calls] == ["get_time"], (
+        f"heard {turn.transcript!r}, answered {turn.reply_text!r}, calls {conversation.tool_calls}")
     assert [r.content for r in conversation.tool_results] == [f"The time is {TIME}."]
     assert {"14", "32"} <= set(words(turn.reply_text)), f"the answer does not say the tool's time: {turn.reply_text!r}"
     assert len(turn.audio) > 0 and turn.metrics.tool_calls == 1 and turn.metrics.tool_ms > 0
 
 
 async def test_barge_in_while_a_client_tool_runs_withdraws_the_call_and_the_call_goes_on(edge_address, speech_dir):
-    """The tool never answers in time; the caller speaks again: the call is withdrawn
+    """The tool takes a minute; the caller speaks again meanwhile: the call is withdrawn
     (ToolCallCancelled, the client's task cancelled), the new turn is answered."""
     cancelled = asyncio.Event()
 
@@ -71,7 +72,9 @@ async def test_barge_in_while_a_client_tool_runs_withdraws_the_call_and_the_call
     assert cancelled.is_set(), "the client's tool task was not cancelled"
     assert not conversation.tool_results or all(r.call_id != first_call for r in conversation.tool_results)
     first, second = conversation.replies[:2]
-    assert first.interrupted is not None
+    # Nothing of the first answer was heard: the new speech made it stale (an empty
+    # AgentTurnEnded), or it had begun and was interrupted.
+    assert first.interrupted is not None or (first.ended and not first.reply_text.strip())
     assert second.ended and second.reply_text.strip()
     assert not conversation.errors, conversation.errors
 

@@ -1,6 +1,6 @@
 {{/*
 Names and labels, defined once (as `helm create` does) and used by every template.
-Stage templates take a context built by "voicestack.stages": (dict "root" $ "name" "stt" "stage" $stageValues).
+Stage templates range over "voicestack.stageNames" and complete each context with "voicestack.stage.context".
 */}}
 
 {{- define "voicestack.name" -}}
@@ -37,12 +37,30 @@ app.kubernetes.io/name: {{ include "voicestack.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{/* The stages in pipeline order, as JSON (range over `include ... | fromJsonArray`). */}}
+{{/*
+The stages in pipeline order, as their keys under `stages` (JSON: range over `include ... | fromJsonArray`).
+llm and llmStrong are the two LLM pools (the edge routes each turn to one): the same templates
+render both, each its own Deployment, Service, autoscaler, PDB and NetworkPolicy.
+*/}}
 {{- define "voicestack.stageNames" -}}
-["edge", "vad", "stt", "llm", "tts"]
+["edge", "vad", "stt", "llm", "llmStrong", "tts"]
 {{- end }}
 
-{{/* ---- per-stage helpers; context: dict "root" "name" "stage" ---- */}}
+{{/*
+Completes a stage context in place. Call it with (dict "root" $ "key" <key under stages>); it adds
+  stage:   the values under stages.<key>;
+  name:    the component: the suffix of resource names, app.kubernetes.io/component, the container
+           name and the `stage` label of its metrics; for an LLM pool, the pool (llm, llm-strong);
+  service: what the container runs (`voicestack serve <service>`): llm for both LLM pools.
+*/}}
+{{- define "voicestack.stage.context" -}}
+{{- $pools := dict "llm" "llm" "llmStrong" "llm-strong" }}
+{{- $_ := set . "stage" (index .root.Values.stages .key | default dict) }}
+{{- $_ := set . "name" (get $pools .key | default .key) }}
+{{- $_ := set . "service" (ternary "llm" .key (hasKey $pools .key)) }}
+{{- end }}
+
+{{/* ---- per-stage helpers; context: dict "root" "key" "name" "service" "stage" (see above) ---- */}}
 
 {{- define "voicestack.stage.fullname" -}}
 {{- printf "%s-%s" (include "voicestack.fullname" .root) .name | trunc 63 | trimSuffix "-" }}
@@ -83,9 +101,9 @@ app.kubernetes.io/component: {{ .name }}
 {{- if and .root.Values.autoscaling.enabled .stage.autoscaling.enabled }}true{{ end }}
 {{- end }}
 
-{{/* The LLM engine of this stage ("" for the other stages). */}}
+{{/* The LLM engine of this stage ("" for the stages that are not an LLM pool). */}}
 {{- define "voicestack.stage.llmEngine" -}}
-{{- if eq .name "llm" }}{{ .stage.engine }}{{ end }}
+{{- if eq .service "llm" }}{{ .stage.engine }}{{ end }}
 {{- end }}
 
 {{/* "true" when the GPU goes to the vLLM sidecar rather than the stage container. */}}
@@ -215,6 +233,10 @@ timeoutSeconds: {{ .probe.timeoutSeconds }}
 - name: VOICESTACK_TOOL_FILLER
   value: {{ . | quote }}
 {{- end }}
+{{- with $s.llmRouting }}
+- name: VOICESTACK_LLM_ROUTING
+  value: {{ . | quote }}
+{{- end }}
 {{- end }}
 {{- if and (eq .name "stt") $s.model }}
 - name: VOICESTACK_STT_MODEL
@@ -224,7 +246,10 @@ timeoutSeconds: {{ .probe.timeoutSeconds }}
 - name: VOICESTACK_TTS_VOICE
   value: {{ $s.voice | quote }}
 {{- end }}
-{{- if eq .name "llm" }}
+{{- if eq .service "llm" }}
+# The pool this replica serves: its own NATS subjects (the edge routes each turn to one).
+- name: VOICESTACK_LLM_POOL
+  value: {{ .name | quote }}
 {{- if eq $s.engine "vllm" }}
 - name: VOICESTACK_LLM_ENGINE
   value: openai
@@ -236,7 +261,7 @@ timeoutSeconds: {{ .probe.timeoutSeconds }}
 - name: VOICESTACK_LLM_ENGINE
   value: openai
 - name: VOICESTACK_LLM_URL
-  value: {{ required "stages.llm.external.url is required when stages.llm.engine is external" $s.external.url | quote }}
+  value: {{ required (printf "stages.%s.external.url is required when stages.%s.engine is external" .key .key) $s.external.url | quote }}
 - name: VOICESTACK_LLM_MODEL
   value: {{ $s.external.model | quote }}
 {{- with $s.external.apiKeySecret }}{{ if .name }}

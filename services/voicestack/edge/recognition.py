@@ -27,7 +27,7 @@ from voicestack.v1 import audio_pb2, stt_pb2, vad_pb2
 
 log = logging.getLogger(__name__)
 
-PRE_ROLL_MS = 200  # audio before the VAD's speech start, so first phonemes are not clipped
+PRE_ROLL_MS = 500  # audio before the VAD's speech start: its start is late on soft onsets ("wh", "f"), by ~300 ms measured
 RING_MS = 2000  # audio kept while nobody speaks (and audio younger than this, by the clock)
 TRIM_STEP_BYTES = PIPELINE_RATE * 2  # trimmed a second at a time, not a 64 kB move a frame
 VAD_CHUNK_BYTES = PIPELINE_RATE // 10 * 2  # 100 ms: what a replay sends the VAD at a time

@@ -1,6 +1,11 @@
 """LLM stage: a chat request in, the reply streamed token by token. Cancelling the
 stream stops generation within a token (barge-in).
 
+With tools, a reply may end in calls (the last response: finish_reason "tool_calls", each
+call whole); the caller runs them and asks again with the calls (ASSISTANT tool_calls) and
+their results (TOOL messages) added. The stage only turns the request into OpenAI-format
+dicts for the engine and checks it: running tools is the edge's business.
+
 The request carries the whole conversation; the stage drops its oldest turns until the
 prompt and the reply fit the model's context (engine.trim_history), and says in its span how
 many messages it dropped (`voicestack.history.dropped`)."""
@@ -8,43 +13,119 @@ many messages it dropped (`voicestack.history.dropped`)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import re
 import time
 
 from opentelemetry import trace
 
 from voicestack.config import Settings
 from voicestack.errors import invalid
-from voicestack.llm import CONTRACT
+from voicestack.llm import CONTRACT, POOLS
 from voicestack.llm.engine import build_engine
 from voicestack.stage import Stage, one_request
-from voicestack.v1 import llm_pb2, llm_pb2_grpc
+from voicestack.v1 import llm_pb2, llm_pb2_grpc, tools_pb2
 
 ROLES = {
     llm_pb2.CHAT_ROLE_SYSTEM: "system",
     llm_pb2.CHAT_ROLE_USER: "user",
     llm_pb2.CHAT_ROLE_ASSISTANT: "assistant",
+    llm_pb2.CHAT_ROLE_TOOL: "tool",
 }
 MAX_MESSAGES = 200
-MAX_CONTENT_CHARS = 8000
+MAX_CONTENT_CHARS = 8000  # a message's content, a call's arguments, a tool's description
+MAX_SCHEMA_CHARS = 16384  # a tool's parameters_json (as the edge allows its tools')
 MAX_TOKENS = 1024
+MAX_TOOLS = 128  # OpenAI's limit on tools in one request, as the edge allows a session
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # what OpenAI (and vLLM's templates) accept
+NO_PARAMETERS = {"type": "object", "properties": {}}  # parameters_json ""
 
 log = logging.getLogger(__name__)
 
 
 def chat_messages(request: llm_pb2.GenerateRequest) -> list[dict]:
+    """The request's messages as OpenAI-format dicts, checked."""
     if not request.messages:
         raise invalid("messages is empty: send at least one user message")
     if len(request.messages) > MAX_MESSAGES:
         raise invalid(f"{len(request.messages)} messages is over {MAX_MESSAGES}; trim the history")
     messages = []
+    call_ids: set[str] = set()  # of the calls so far: a TOOL message answers one of them
     for i, message in enumerate(request.messages):
+        where = f"messages[{i}]"
         if message.role not in ROLES:
-            raise invalid(f"messages[{i}].role is unset or unknown; use SYSTEM, USER or ASSISTANT")
+            raise invalid(f"{where}.role is unset or unknown; use SYSTEM, USER, ASSISTANT or TOOL")
         if len(message.content) > MAX_CONTENT_CHARS:
-            raise invalid(f"messages[{i}].content is over {MAX_CONTENT_CHARS} characters")
-        messages.append({"role": ROLES[message.role], "content": message.content})
+            raise invalid(f"{where}.content is over {MAX_CONTENT_CHARS} characters")
+        entry = {"role": ROLES[message.role], "content": message.content}
+        if message.tool_calls:
+            if message.role != llm_pb2.CHAT_ROLE_ASSISTANT:
+                raise invalid(f"{where}.tool_calls is set on a {entry['role']} message: only an ASSISTANT "
+                              "message carries the calls its reply made")
+            entry["tool_calls"] = [_call(f"{where}.tool_calls[{j}]", call, call_ids)
+                                   for j, call in enumerate(message.tool_calls)]
+        if message.role == llm_pb2.CHAT_ROLE_TOOL:
+            if not message.tool_call_id:
+                raise invalid(f"{where} is a TOOL message without tool_call_id: set it to the id of the call "
+                              "it answers")
+            if message.tool_call_id not in call_ids:
+                raise invalid(f"{where}.tool_call_id {message.tool_call_id!r} names no call of an earlier "
+                              "ASSISTANT message: a TOOL message answers a call made before it")
+            entry["tool_call_id"] = message.tool_call_id
+        elif message.tool_call_id:
+            raise invalid(f"{where}.tool_call_id is set on a {entry['role']} message: only a TOOL message "
+                          "answers a call")
+        messages.append(entry)
     return messages
+
+
+def _call(where: str, call: tools_pb2.ToolCall, call_ids: set[str]) -> dict:
+    if not call.id:
+        raise invalid(f"{where}.id is empty: send the id the call was made with")
+    if call.id in call_ids:
+        raise invalid(f"{where}.id {call.id!r} is used twice: each call has its own id")
+    call_ids.add(call.id)
+    if not TOOL_NAME.fullmatch(call.name):
+        raise invalid(f"{where}.name {call.name[:80]!r} is not a tool name: 1-64 letters, digits, _ or -")
+    arguments = _json_object(f"{where}.arguments_json", call.arguments_json or "{}")
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(arguments)}}
+
+
+def chat_tools(request: llm_pb2.GenerateRequest) -> list[dict] | None:
+    """The request's tools as OpenAI tool dicts, checked; None when it has none."""
+    if not request.tools:
+        return None
+    if len(request.tools) > MAX_TOOLS:
+        raise invalid(f"{len(request.tools)} tools is over {MAX_TOOLS}: send the ones this turn may need")
+    tools, names = [], set()
+    for i, tool in enumerate(request.tools):
+        where = f"tools[{i}]"
+        if not TOOL_NAME.fullmatch(tool.name):
+            raise invalid(f"{where}.name {tool.name[:80]!r} is not a tool name: 1-64 letters, digits, _ or -")
+        if tool.name in names:
+            raise invalid(f"{where}.name {tool.name!r} is used twice: tool names must be unique")
+        names.add(tool.name)
+        if len(tool.description) > MAX_CONTENT_CHARS:
+            raise invalid(f"{where}.description is over {MAX_CONTENT_CHARS} characters")
+        parameters = _json_object(f"{where}.parameters_json", tool.parameters_json, MAX_SCHEMA_CHARS) \
+            if tool.parameters_json else NO_PARAMETERS
+        tools.append({"type": "function",
+                      "function": {"name": tool.name, "description": tool.description, "parameters": parameters}})
+    return tools
+
+
+def _json_object(where: str, text: str, max_chars: int = MAX_CONTENT_CHARS) -> dict:
+    if len(text) > max_chars:
+        raise invalid(f"{where} is over {max_chars} characters")
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise invalid(f"{where} is not JSON ({exc}): send a JSON object") from None
+    if not isinstance(value, dict):
+        raise invalid(f"{where} is a JSON {type(value).__name__}, not an object: send a JSON object")
+    return value
 
 
 class LlmStage(Stage):
@@ -54,6 +135,9 @@ class LlmStage(Stage):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
+        if settings.llm_pool not in POOLS:
+            raise ValueError(f"llm_pool must be one of {', '.join(POOLS)}, not {settings.llm_pool!r}")
+        self.name = settings.llm_pool  # the pool's own subjects, Deployment and autoscaler
         self.engine = build_engine(settings)
 
     def describe(self) -> dict:
@@ -69,6 +153,7 @@ class LlmStage(Stage):
         if request is None:
             raise invalid("stream closed before the GenerateRequest was sent")
         messages = chat_messages(request)
+        tools = chat_tools(request)
         if not 0 <= request.max_tokens <= MAX_TOKENS:
             raise invalid(f"max_tokens must be 0-{MAX_TOKENS}")
         if not 0.0 <= request.temperature <= 2.0:
@@ -77,8 +162,12 @@ class LlmStage(Stage):
         span = trace.get_current_span()
         span.set_attribute("gen_ai.request.model", self.engine.model_name)
         span.set_attribute("gen_ai.request.max_tokens", max_tokens)
+        # Passed only when there are tools: an engine (or a test double) that knows none still serves.
+        with_tools = {"tools": tools} if tools else {}
+        if tools:
+            span.set_attribute("voicestack.tools.offered", len(tools))
         started = time.perf_counter()
-        fitted = await self.engine.fit(messages, max_tokens)
+        fitted = await self.engine.fit(messages, max_tokens, **with_tools)
         messages = fitted.messages
         span.set_attribute("voicestack.history.dropped", fitted.dropped)
         if fitted.dropped:
@@ -87,7 +176,8 @@ class LlmStage(Stage):
                       len(messages), fitted.prompt_tokens, max_tokens, fitted.n_ctx)
         first = True
         # aclosing: a cancelled stream stops the engine now, not when garbage is collected.
-        async with contextlib.aclosing(self.engine.stream(messages, max_tokens, request.temperature)) as deltas:
+        async with contextlib.aclosing(
+                self.engine.stream(messages, max_tokens, request.temperature, **with_tools)) as deltas:
             async for delta in deltas:
                 if first:
                     first = False
@@ -97,9 +187,13 @@ class LlmStage(Stage):
                     span.set_attribute("gen_ai.usage.output_tokens", delta.completion_tokens)
                     span.set_attribute("gen_ai.usage.input_tokens", delta.prompt_tokens)
                     span.set_attribute("gen_ai.response.finish_reasons", [delta.finish_reason])
+                if delta.tool_calls:
+                    span.set_attribute("voicestack.tools.called", [call["name"] for call in delta.tool_calls])
                 yield llm_pb2.GenerateResponse(
                     text_delta=delta.text, finish_reason=delta.finish_reason,
                     completion_tokens=delta.completion_tokens, prompt_tokens=delta.prompt_tokens,
+                    tool_calls=[tools_pb2.ToolCall(id=call["id"], name=call["name"], arguments_json=call["arguments"])
+                                for call in delta.tool_calls],
                 )
         self.record("generation", time.perf_counter() - started)
 
