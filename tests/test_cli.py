@@ -1,16 +1,19 @@
-"""The `voicestack` command line: `talk` on audio with nothing to hear, and what `up`
+"""The `voicestack` command line: `talk` on audio with nothing to hear, `talk --tools`, and what `up`
 says each service serves."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import re
 import subprocess
 import sys
 import time
 
 import numpy as np
 
+from conftest import silence, speak
 from voicestack.audio import PIPELINE_RATE, float_to_pcm16, write_wav
 from voicestack.cli import add_stack_flags, main, model_label, show_stack, stack_env
 from voicestack.launcher import Stack
@@ -91,3 +94,29 @@ def test_up_hands_service_settings_to_every_service():
                                "VOICESTACK_DISCLOSURE": "false"}
     # Ports and replica ids are the launcher's to give, one per process.
     assert not hasattr(args, "grpc_port")
+
+
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "description": "Get the current time of day",
+                                              "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_talk_refuses_a_tools_file_that_does_not_say_how_to_run_a_tool(tmp_path, capsys):
+    wav = tmp_path / "hum.wav"
+    write_wav(wav, float_to_pcm16(np.full(PIPELINE_RATE // 2, 0.1, dtype=np.float32)), PIPELINE_RATE)
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps({"tools": [TIME_TOOL]}))
+    assert main(["talk", "--wav", str(wav), "--tools", str(tools), "--address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "get_time" in err and '"command" or "result"' in err, err
+
+
+def test_talk_runs_the_client_tools_of_its_tools_file(stack, edge_address, tmp_path):
+    wav = tmp_path / "question.wav"
+    write_wav(wav, float_to_pcm16(np.concatenate([silence(300), speak("What time is it?", tmp_path)])), PIPELINE_RATE)
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps({"tools": [{**TIME_TOOL, "command": ["date", "+%H:%M"]}]}))
+    done = subprocess.run([sys.executable, "-m", "voicestack", "talk", "--wav", str(wav), "--tools", str(tools),
+                           "--out", str(tmp_path / "reply.wav"), "--address", edge_address, "--timeout", "90"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert re.search(r"tool call:  get_time\(\{\}\) -> '\d\d:\d\d'", done.stdout), done.stdout

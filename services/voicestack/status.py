@@ -32,8 +32,11 @@ from voicestack import discovery
 from voicestack.config import SERVICES, load_settings
 from voicestack.telemetry import LATENCY_BUCKETS
 
+OPTIONAL_POOLS = ("llm-strong",)  # stages a deployment may leave out
+
 # The latency a stage's row shows (the JSON has every kind a replica reports).
-HEADLINE_LATENCY = {"edge": "voice_to_voice", "stt": "final", "llm": "first_token", "tts": "clause"}
+HEADLINE_LATENCY = {"edge": "voice_to_voice", "stt": "final", "llm": "first_token", "llm-strong": "first_token",
+                    "tts": "clause"}
 LATENCY_NOTE = "p50/p95 over the last minute: edge voice-to-voice, stt final transcript, llm first token, tts per clause"
 # The chart's labels (select by these, never by Deployment names).
 INSTANCE_LABEL = "app.kubernetes.io/instance"
@@ -330,7 +333,9 @@ async def collect(nats_url: str, *, kube: bool = False, kubeconfig: str | None =
         except Exception as error:  # noqa: BLE001
             view["kube"]["error"] = f"{type(error).__name__}: {error}"
 
-    for stage in SERVICES:
+    # The strong LLM pool is optional: shown when a replica of it is on the bus.
+    optional = [pool for pool in OPTIONAL_POOLS if any(r.get("stage") == pool for r in replicas or [])]
+    for stage in [*SERVICES, *optional]:
         entry = {"stage": stage}
         if replicas is not None:
             entry.update(bus_stage(stage, [r for r in replicas if r.get("stage") == stage]))
