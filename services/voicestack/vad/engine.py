@@ -13,6 +13,7 @@ place of the model. `build_engine(settings)` picks one of the two.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -33,6 +34,26 @@ class VadEvent:
     type: str  # "speech_started" | "speech_ended" | "speech_paused" | "speech_resumed"
     offset_ms: int  # started/resumed: first speech sample; ended/paused: end of the last speech frame
     decided_at_ms: int  # audio consumed when the decision was made
+    turn_score: float = -1.0  # ended, with a TurnPolicy: the model's last score (-1: it did not score)
+
+
+class TurnScorer(Protocol):
+    def score(self, audio: np.ndarray) -> float: ...
+
+
+@dataclass(frozen=True)
+class TurnPolicy:
+    """End of turn by model: at a pause of `pause_ms` in speech the utterance so far is
+    scored (turn_model.TurnDetector); at `threshold` or above speech ends there, else it
+    ends at the stream's min_silence_ms (the longest wait), or goes on if speech resumes."""
+
+    scorer: TurnScorer
+    threshold: float = 0.5
+    pause_ms: int = 200
+
+
+TURN_AUDIO_SAMPLES = 8 * SAMPLE_RATE  # what the turn model sees of an utterance: its last 8 s
+TURN_PRE_ROLL_SAMPLES = SAMPLE_RATE // 5  # and 200 ms before its start, for a soft onset
 
 
 def _ms(samples: int) -> int:
@@ -55,8 +76,9 @@ class SileroVad:
             str(models.silero_vad()), sess_options=opts, providers=["CPUExecutionProvider"]
         )
 
-    def open(self, threshold=0.5, min_silence_ms=500, min_speech_ms=100, pause_ms=0) -> VadStream:
-        return VadStream(self, threshold, min_silence_ms, min_speech_ms, pause_ms)
+    def open(self, threshold=0.5, min_silence_ms=500, min_speech_ms=100, pause_ms=0,
+             turn: TurnPolicy | None = None) -> VadStream:
+        return VadStream(self, threshold, min_silence_ms, min_speech_ms, pause_ms, turn)
 
     def _probs(self, frames: np.ndarray, h: np.ndarray, c: np.ndarray):
         # The model runs its LSTM over the batch axis in order, so a batch of
@@ -78,8 +100,9 @@ class EnergyVad:
     def __init__(self, threshold: float = ENERGY_THRESHOLD):
         self.threshold = threshold
 
-    def open(self, threshold=0.5, min_silence_ms=500, min_speech_ms=100, pause_ms=0) -> VadStream:
-        return VadStream(self, threshold, min_silence_ms, min_speech_ms, pause_ms)
+    def open(self, threshold=0.5, min_silence_ms=500, min_speech_ms=100, pause_ms=0,
+             turn: TurnPolicy | None = None) -> VadStream:
+        return VadStream(self, threshold, min_silence_ms, min_speech_ms, pause_ms, turn)
 
     def _probs(self, frames: np.ndarray, h: np.ndarray, c: np.ndarray):
         new = frames[:, CONTEXT_SAMPLES:]  # each row is 64 samples of context + the frame
@@ -99,7 +122,8 @@ class VadStream:
     Not thread-safe: one stream belongs to one caller.
     """
 
-    def __init__(self, vad: SileroVad | EnergyVad, threshold: float, min_silence_ms: int, min_speech_ms: int, pause_ms: int):
+    def __init__(self, vad: SileroVad | EnergyVad, threshold: float, min_silence_ms: int, min_speech_ms: int, pause_ms: int,
+                 turn: TurnPolicy | None = None):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         if min(min_silence_ms, min_speech_ms, pause_ms) < 0:
@@ -122,6 +146,13 @@ class VadStream:
         self._confirmed = False  # speech_started emitted
         self._silence_from: int | None = None  # end of the last speech frame, while silent in speech
         self._paused = False
+        # end of turn by model: the recent audio (for scoring), and this pause's score
+        self._turn = turn
+        self._turn_pause = (turn.pause_ms if turn else 0) * SAMPLE_RATE // 1000
+        self._recent = np.zeros(0, np.float32)
+        self._recent_base = 0  # sample index of _recent[0]
+        self._scored_pause = False
+        self._turn_score = -1.0
 
     def feed(self, pcm16: bytes) -> list[VadEvent]:
         """Any length of PCM16 LE mono 16 kHz; returns the events it decided."""
@@ -152,9 +183,16 @@ class VadStream:
         self._start, self._confirmed = None, False  # unconfirmed speech was too short to report
         return events
 
+    def scores_soon(self) -> bool:
+        """Will the next feed() likely run the turn model (tens of ms: worth a thread)?"""
+        return (self._turn is not None and self._confirmed and self._silence_from is not None
+                and not self._scored_pause)
+
     def _run(self, audio: np.ndarray, limit: int | None) -> list[VadEvent]:
         step = SileroVad.FRAME_SAMPLES
         events: list[VadEvent] = []
+        if self._turn is not None:
+            self._keep_recent(audio)
         for at in range(0, len(audio), step * MAX_BATCH_FRAMES):
             chunk = audio[at : at + step * MAX_BATCH_FRAMES]
             padded = np.concatenate([self._context, chunk])
@@ -182,6 +220,7 @@ class VadStream:
             return []
         if self._voiced:
             self._silence_from = None
+            self._scored_pause = False
             if self._paused:
                 self._paused = False
                 return [VadEvent(RESUMED, _ms(begin), _ms(end))]
@@ -189,14 +228,39 @@ class VadStream:
         if self._silence_from is None:
             self._silence_from = begin
         silent = end - self._silence_from
+        if self._turn is not None and not self._scored_pause and silent >= self._turn_pause:
+            self._scored_pause = True
+            self._turn_score = self._score(end)
+            if self._turn_score >= self._turn.threshold:
+                return [self._end(end)]
         if silent >= self._min_silence:
-            event = VadEvent(ENDED, _ms(self._silence_from), _ms(end))
-            self._start, self._confirmed, self._silence_from, self._paused = None, False, None, False
-            return [event]
+            return [self._end(end)]
         if self._pause and not self._paused and silent >= self._pause:
             self._paused = True
             return [VadEvent(PAUSED, _ms(self._silence_from), _ms(end))]
         return []
+
+    def _end(self, end: int) -> VadEvent:
+        event = VadEvent(ENDED, _ms(self._silence_from), _ms(end), self._turn_score)
+        self._start, self._confirmed, self._silence_from, self._paused = None, False, None, False
+        self._scored_pause, self._turn_score = False, -1.0
+        return event
+
+    def _keep_recent(self, audio: np.ndarray) -> None:
+        """Audio the turn model may need: since the speech start (less a pre-roll), at most
+        its last 8 s, up to what has been fed."""
+        self._recent = np.concatenate([self._recent, audio])
+        keep_from = self._done - TURN_PRE_ROLL_SAMPLES if self._start is None else self._start - TURN_PRE_ROLL_SAMPLES
+        keep_from = max(keep_from, self._done + len(audio) - TURN_AUDIO_SAMPLES - SAMPLE_RATE)
+        drop = keep_from - self._recent_base
+        if drop > 0:
+            self._recent = self._recent[drop:]
+            self._recent_base += drop
+
+    def _score(self, end: int) -> float:
+        """The turn model on the utterance up to `end` (never audio past the decision point)."""
+        begin = max(self._start - TURN_PRE_ROLL_SAMPLES, end - TURN_AUDIO_SAMPLES, self._recent_base)
+        return float(self._turn.scorer.score(self._recent[begin - self._recent_base: end - self._recent_base]))
 
     def _confirm(self, end: int) -> list[VadEvent]:
         if end - self._start >= self._min_speech:
