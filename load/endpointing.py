@@ -12,11 +12,16 @@ The set (built here, from nothing a test tunes to):
 For each way of deciding (silence 300 and 600 ms; the model at three thresholds, scoring at a
 200 ms pause and waiting at most 2500 ms), the audio runs through the VAD stage's own
 VadStream (Silero, and Smart Turn v3.2 in model mode), offline:
-  false cut-off   a "not done" sample whose turn ended in its pause (the speaker cut off);
-  delay           "done" samples: end of speech -> the decision (audio time, plus the
-                  model's compute for the decision that ended the turn).
+  false cut-off   a "not done" sample whose turn ended in its pause, or a "done" one whose
+                  turn ended between its words (the speaker cut off, either way);
+  delay           "done" samples: end of speech -> the decision after it (audio time, plus
+                  the model's compute for that decision).
 
-    python -m load.endpointing [--json load/results/endpointing.json]
+Then, with --pipeline, voice-to-voice through real processes (the embedded default on free
+ports): whole questions spoken by Kokoro, one session each, alternating silence 600 ms and the
+model at threshold 0.5, so both see the same machine at the same time.
+
+    python -m load.endpointing [--pipeline] [--json load/results/endpointing.json]
 """
 
 from __future__ import annotations
@@ -142,22 +147,19 @@ def labelled_set() -> list[Sample]:
     return samples
 
 
-def first_end(vad: SileroVad, sample: Sample, min_silence_ms: int, policy: TurnPolicy | None) -> tuple[int, float, float]:
-    """(audio ms when the first turn ended, the model's compute for that decision (s), its score)."""
+def turn_ends(vad: SileroVad, sample: Sample, min_silence_ms: int, policy: TurnPolicy | None) -> list[tuple[int, float, float]]:
+    """Every end of turn in the sample: (audio ms decided, the model's compute for it (s), its score)."""
     stream = vad.open(threshold=0.5, min_silence_ms=min_silence_ms, min_speech_ms=200, turn=policy)
     pcm = float_to_pcm16(sample.audio)
     step = PIPELINE_RATE * CHUNK_MS // 1000 * 2
+    ends = []
     for at in range(0, len(pcm), step):
         started = time.perf_counter()
         events = stream.feed(pcm[at: at + step])
         spent = time.perf_counter() - started
-        for event in events:
-            if event.type == ENDED:
-                return event.decided_at_ms, spent, event.turn_score
-    for event in stream.flush():
-        if event.type == ENDED:
-            return event.decided_at_ms, 0.0, event.turn_score
-    return -1, 0.0, -1.0
+        ends += [(e.decided_at_ms, spent, e.turn_score) for e in events if e.type == ENDED]
+    ends += [(e.decided_at_ms, 0.0, e.turn_score) for e in stream.flush() if e.type == ENDED]
+    return ends
 
 
 def evaluate(samples: list[Sample]) -> list[dict]:
@@ -170,18 +172,28 @@ def evaluate(samples: list[Sample]) -> list[dict]:
         policy = TurnPolicy(detector, threshold, MODEL_PAUSE_MS) if threshold is not None else None
         cut_offs, delays, details = 0, [], []
         for sample in samples:
-            ended_ms, spent, score = first_end(vad, sample, min_silence_ms, policy)
+            ends = turn_ends(vad, sample, min_silence_ms, policy)
             if sample.done:
-                delays.append(ended_ms - sample.speech_end_ms + spent * 1000)
+                # Ended inside the utterance (between its words) is a cut-off too; the delay is
+                # to the end that came after the speech.
+                early = [e for e in ends if e[0] < sample.speech_end_ms - 100]
+                after = [e for e in ends if e[0] >= sample.speech_end_ms - 100]
+                cut = bool(early)
+                if after:
+                    delays.append(after[0][0] - sample.speech_end_ms + after[0][1] * 1000)
             else:
-                cut = sample.pause_ms[0] <= ended_ms <= sample.pause_ms[1] + MODEL_PAUSE_MS
-                cut_offs += cut
-                details.append({"sample": sample.name, "cut_off": bool(cut), "score": score})
-        not_done = sum(not s.done for s in samples)
+                start, end = sample.pause_ms
+                cut = any(start <= e[0] <= end + MODEL_PAUSE_MS for e in ends)
+            cut_offs += cut
+            details.append({"sample": sample.name, "done": sample.done, "cut_off": cut,
+                            "scores": [round(e[2], 3) for e in ends]})
         d = summarize(delays)
-        rows.append({"mode": label, "not_done": not_done, "cut_offs": cut_offs, "false_cut_off_rate": cut_offs / not_done,
+        rows.append({"mode": label, "samples": len(samples), "cut_offs": cut_offs,
+                     "not_done_cut_offs": sum(x["cut_off"] for x in details if not x["done"]),
+                     "done_cut_offs": sum(x["cut_off"] for x in details if x["done"]),
+                     "false_cut_off_rate": cut_offs / len(samples),
                      "delay_mean_ms": d["mean"], "delay_p50_ms": d["p50"], "delay_p95_ms": d["p95"], "details": details})
-        print(f"{label}: {cut_offs}/{not_done} cut off, delay mean {d['mean']:.0f} ms", file=sys.stderr, flush=True)
+        print(f"{label}: {cut_offs}/{len(samples)} cut off, delay mean {d['mean']:.0f} ms", file=sys.stderr, flush=True)
     return rows
 
 
@@ -189,20 +201,72 @@ def report(rows: list[dict], samples: list[Sample]) -> str:
     done = sum(s.done for s in samples)
     head = (f"{done} done samples ({len(HUMAN)} human, {done - len(HUMAN)} Kokoro); "
             f"{len(samples) - done} not done (pauses {', '.join(map(str, PAUSES_MS))} ms)\n\n")
-    return head + table(["end of turn", "false cut-offs", "rate", "delay mean", "p50", "p95"], [
-        [r["mode"], f"{r['cut_offs']}/{r['not_done']}", f"{r['false_cut_off_rate']:.0%}", fmt_ms(r["delay_mean_ms"]),
-         fmt_ms(r["delay_p50_ms"]), fmt_ms(r["delay_p95_ms"])] for r in rows])
+    return head + table(["end of turn", "cut off: not done", "cut off: done (between words)", "false cut-off rate",
+                         "delay mean", "p50", "p95"], [
+        [r["mode"], f"{r['not_done_cut_offs']}/{len(samples) - done}", f"{r['done_cut_offs']}/{done}",
+         f"{r['false_cut_off_rate']:.0%}", fmt_ms(r["delay_mean_ms"]), fmt_ms(r["delay_p50_ms"]),
+         fmt_ms(r["delay_p95_ms"])] for r in rows])
+
+
+QUESTIONS = ["What is the capital of France?", "Can you recommend a good book?", "How far away is the moon?",
+             "What should I cook for dinner tonight?", "Tell me something interesting about whales.",
+             "Which planet is the largest?"]
+
+
+async def pipeline_v2v(rounds: int) -> list[dict]:
+    """v2v per question, silence 600 ms and the model alternating, on a stack started here."""
+    from voicestack.client import converse
+    from voicestack.launcher import START_ORDER, Stack
+    from voicestack.v1 import edge_pb2
+
+    speak = Speaker()
+    modes = {"silence 600 ms": edge_pb2.EndpointingConfig(mode=edge_pb2.ENDPOINTING_MODE_SILENCE, silence_ms=600),
+             "model, threshold 0.5": edge_pb2.EndpointingConfig(mode=edge_pb2.ENDPOINTING_MODE_MODEL, turn_threshold=0.5)}
+    audio = {q: np.concatenate([silence(300), speak(q, 1.0)]) for q in QUESTIONS}
+    turns = []
+    with Stack(ports="free", log_dir="build/endpointing-logs") as stack:
+        stack.start(START_ORDER)
+        address = stack.processes["edge"].address
+        for _ in range(rounds):
+            for question in QUESTIONS:
+                for mode, endpointing in modes.items():
+                    conversation = await converse(address, audio[question], timeout=120,
+                                                  config=edge_pb2.SessionConfig(endpointing=endpointing))
+                    m = conversation.replies[0].metrics if conversation.replies else None
+                    turns.append({"mode": mode, "question": question, "ok": m is not None,
+                                  "turns": len(conversation.replies),
+                                  "v2v_ms": m.voice_to_voice_ms if m else None,
+                                  "endpointing_ms": m.endpointing_ms if m else None})
+                    print(f"{mode}: {turns[-1]}", file=sys.stderr, flush=True)
+    return turns
+
+
+def pipeline_report(turns: list[dict]) -> str:
+    rows = []
+    for mode in dict.fromkeys(t["mode"] for t in turns):
+        mine = [t for t in turns if t["mode"] == mode and t["ok"]]
+        v, e = summarize(t["v2v_ms"] for t in mine), summarize(t["endpointing_ms"] for t in mine)
+        rows.append([mode, str(len(mine)), fmt_ms(e["p50"]), fmt_ms(v["p50"]), fmt_ms(v["p95"]), fmt_ms(v["mean"])])
+    return table(["end of turn", "turns", "endpointing p50", "v2v p50", "v2v p95", "v2v mean"], rows)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m load.endpointing", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default="load/results/endpointing.json")
+    p.add_argument("--pipeline", action="store_true", help="also voice-to-voice through real processes")
+    p.add_argument("--rounds", type=int, default=2, help="with --pipeline: rounds over the questions")
     args = p.parse_args(argv)
     samples = labelled_set()
     rows = evaluate(samples)
-    write_json(Path(args.json), {"machine": machine(), "modes": rows})
+    result = {"machine": machine(), "modes": rows}
     print(report(rows, samples))
+    if args.pipeline:
+        import asyncio
+        result["pipeline"] = asyncio.run(pipeline_v2v(args.rounds))
+        print()
+        print(pipeline_report(result["pipeline"]))
+    write_json(Path(args.json), result)
     return 0
 
 

@@ -101,3 +101,42 @@ def test_a_human_recording_ends_at_the_pause_with_the_model(detector):
     ended = [e for e in run(stream, np.concatenate([quiet(300), recording, quiet(3000)])) if e.type == ENDED]
     assert ended and 0.5 <= ended[0].turn_score <= 1.0
     assert ended[0].decided_at_ms - ended[0].offset_ms < 600
+
+
+# ---------------------------------------------------------------- through the pipeline
+
+@pytest.fixture(scope="module")
+def paused_sentence() -> np.ndarray:
+    """"I was wondering if ... you could help me with my account.", spoken by Kokoro as one
+    sentence (so the first half keeps its unfinished intonation) and cut at that word gap with
+    a 500 ms pause put in. Smart Turn scored the cut 0.02-0.08 in load/endpointing.py."""
+    from load.endpointing import Speaker, quiet_point
+
+    first, rest = "I was wondering if", "you could help me with my account."
+    whole = Speaker()(f"{first} {rest}", 1.0)
+    cut = quiet_point(whole, len(first) / len(f"{first} {rest}"))
+    return np.concatenate([quiet(300), whole[:cut], quiet(500), whole[cut:]])
+
+
+@pytest.mark.parametrize("mode, turns", [("model", 1), ("silence 300 ms", 2)])
+async def test_a_mid_sentence_pause_is_one_turn_with_the_model_and_two_with_a_short_silence(
+        edge_address, paused_sentence, mode, turns):
+    from conftest import words
+    from voicestack.client import converse
+    from voicestack.v1 import edge_pb2
+
+    endpointing = (edge_pb2.EndpointingConfig(mode=edge_pb2.ENDPOINTING_MODE_MODEL) if mode == "model" else
+                   edge_pb2.EndpointingConfig(mode=edge_pb2.ENDPOINTING_MODE_SILENCE, silence_ms=300))
+    conversation = await converse(edge_address, paused_sentence, config=edge_pb2.SessionConfig(endpointing=endpointing),
+                                  expect_turns=turns, timeout=120)
+    assert conversation.status.name == "OK", conversation.details
+    started = [e for e in conversation.events if e.WhichOneof("kind") == "speech_started"]
+    first = conversation.replies[0]
+    if mode == "model":
+        assert len(started) == 1, [t.transcript for t in conversation.replies]
+        assert {"wondering", "account"} <= set(words(first.transcript)), first.transcript
+        spans = {s.name: s for s in first.trace.spans} if first.trace else {}
+        assert "endpointing" in spans
+    else:
+        assert len(started) >= 2
+        assert "account" not in words(first.transcript), first.transcript

@@ -90,6 +90,13 @@ class Settings:
     tool_filler: str = "One moment."
     # Edge: speculative replies when a session does not choose (see BENCHMARKS.md).
     speculation: bool = False
+    # Edge: how a turn ends unless the session says (SessionConfig.endpointing.mode):
+    # "silence" (silence_ms) or "model" (the end-of-turn model in the VAD stage decides at
+    # each pause of turn_pause_ms with turn_threshold, waiting at most turn_max_wait_ms).
+    endpointing_mode: str = "silence"
+    turn_threshold: float = 0.5
+    turn_pause_ms: int = 200
+    turn_max_wait_ms: int = 2500
     # Edge: user speech shorter than this does not interrupt the agent.
     barge_in_min_speech_ms: int = 400
     # Edge: agent audio is sent at most this far ahead of the client's playback,

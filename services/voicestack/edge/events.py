@@ -36,6 +36,7 @@ class Failed:
 class VadDecision:
     kind: str  # "start" | "pause" | "resume" | "end"
     offset_ms: int
+    turn_score: float | None = None  # "end" decided by the end-of-turn model: its score
 
 
 @dataclass
@@ -82,8 +83,8 @@ class HooksToInbox:
     def on_speech_resumed(self, offset_ms: int) -> None:
         self.inbox.put_nowait(VadDecision("resume", offset_ms))
 
-    def on_end_of_speech(self, offset_ms: int) -> None:
-        self.inbox.put_nowait(VadDecision("end", offset_ms))
+    def on_end_of_speech(self, offset_ms: int, turn_score: float | None = None) -> None:
+        self.inbox.put_nowait(VadDecision("end", offset_ms, turn_score))
 
     def on_transcript(self, utterance: Utterance, text: str, is_final: bool) -> None:
         self.inbox.put_nowait(Transcript(utterance, text, is_final))

@@ -72,11 +72,16 @@ class TurnObserver:
             turn.stt_span.set_attribute("voicestack.audio_seconds", round(audio_seconds, 3))
             turn.stt_span.end()
 
-    def endpointing(self, turn: TurnRecord, end_of_speech: float, decided: float, silence_ms: int) -> None:
+    def endpointing(self, turn: TurnRecord, end_of_speech: float, decided: float, turn_taking,
+                    turn_score: float | None = None) -> None:
         turn.end_of_speech = end_of_speech
         turn.metrics.endpointing_ms = (decided - end_of_speech) * 1000
         span = telemetry.start_span("endpointing", parent=turn.span, start_time=end_of_speech,
-                                    voicestack__silence_ms=silence_ms)
+                                    voicestack__endpointing__mode=turn_taking.mode,
+                                    voicestack__silence_ms=turn_taking.vad_config().min_silence_ms)
+        if turn_score is not None:  # the model decided (or was waited out): its score
+            span.set_attribute("voicestack.endpointing.score", round(turn_score, 3))
+            span.set_attribute("voicestack.endpointing.threshold", turn_taking.turn_threshold)
         telemetry.end_span(span, decided)
 
     def stt_finalized(self, turn: TurnRecord, decided: float, text: str) -> None:

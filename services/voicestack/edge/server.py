@@ -72,9 +72,15 @@ def validate_config(config: edge_pb2.SessionConfig) -> None:
     for name, value, low, high in (("silence_ms", e.silence_ms, 100, 5000),
                                    ("min_speech_ms", e.min_speech_ms, 0, 2000),
                                    ("max_utterance_ms", e.max_utterance_ms, 1000, 60000),
-                                   ("speculative_pause_ms", e.speculative_pause_ms, 100, 2000)):
+                                   ("speculative_pause_ms", e.speculative_pause_ms, 100, 2000),
+                                   ("turn_pause_ms", e.turn_pause_ms, 100, 2000),
+                                   ("max_wait_ms", e.max_wait_ms, 500, 10000)):
         if value and not low <= value <= high:
             raise invalid(f"endpointing.{name} {value} is out of range {low}-{high} (0 = default)")
+    if not 0.0 <= e.turn_threshold <= 1.0:
+        raise invalid(f"endpointing.turn_threshold {e.turn_threshold} is out of range 0-1 (0 = default)")
+    if e.mode not in edge_pb2.EndpointingMode.values():
+        raise invalid(f"endpointing.mode {e.mode} is unknown; use SILENCE or MODEL")
     if not 0 <= config.interruption.min_speech_ms <= 5000:
         raise invalid(f"interruption.min_speech_ms {config.interruption.min_speech_ms} is out of range 0-5000 (0 = default)")
     if not 0 <= config.max_reply_tokens <= 1024:
@@ -111,6 +117,8 @@ class EdgeService:
     grpc_service_names = [edge_pb2.DESCRIPTOR.services_by_name["EdgeService"].full_name]
 
     def __init__(self, settings: Settings):
+        if settings.endpointing_mode not in ("silence", "model"):
+            raise ValueError(f"endpointing_mode must be \"silence\" or \"model\", not {settings.endpointing_mode!r}")
         if settings.llm_routing not in ("auto", "fast"):
             raise ValueError(f"llm_routing must be \"auto\" or \"fast\", not {settings.llm_routing!r}")
         self.settings = settings

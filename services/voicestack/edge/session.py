@@ -43,7 +43,7 @@ from voicestack.edge.speech import SpeechHandle, SpeechScheduler
 from voicestack.edge.tool_calls import ClientToolCalls
 from voicestack.edge.turn_taking import TurnTaking, same_words
 from voicestack.errors import ServiceError, StageError
-from voicestack.v1 import edge_pb2, llm_pb2, vad_pb2
+from voicestack.v1 import edge_pb2, llm_pb2
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,7 @@ class Session:
             tool_failure_text=settings.tool_failure_text, goodbye_text=settings.goodbye_text)
         self.recognition = Recognition(
             session_id, stages, HooksToInbox(self.inbox), self._spawn,
-            vad_pb2.VadConfig(sample_rate_hz=PIPELINE_RATE, min_silence_ms=tt.silence_ms,
-                              min_speech_ms=tt.min_speech_ms,
-                              pause_ms=tt.speculative_pause_ms if tt.speculation else 0),
+            tt.vad_config(),
             vad_batch_bytes=VAD_WINDOW_SAMPLES * 2 if settings.batch_stage_audio else 2,
             stt_batch_ms=settings.stt_batch_ms if settings.batch_stage_audio else 0,
             stall_seconds=settings.stage_stall_seconds)
@@ -272,7 +270,7 @@ class Session:
         elif u is None:
             return
         elif event.kind == "end":
-            await self._end_user_turn(event.offset_ms)
+            await self._end_user_turn(event.offset_ms, turn_score=event.turn_score)
         elif event.kind == "pause":
             self._speculate(u)
         elif event.kind == "resume" and u.speculation is not None:
@@ -296,7 +294,7 @@ class Session:
         if self.user.over_agent:
             self._maybe_barge_in(self.user)
 
-    async def _end_user_turn(self, speech_end_ms: int, answer: bool = True) -> None:
+    async def _end_user_turn(self, speech_end_ms: int, answer: bool = True, turn_score: float | None = None) -> None:
         u, self.user = self.user, None
         if u.over_agent:
             if speech_end_ms - u.utterance.speech_ms < self.turn_taking.barge_in_min_speech_ms:
@@ -307,7 +305,7 @@ class Session:
             u.over_agent = False  # a real turn that could not interrupt: answered after the agent
         decided = time.monotonic()
         end_of_speech = min(self.recognition.audio.wall_time_at(speech_end_ms), decided)
-        self.observer.endpointing(u.record, end_of_speech, decided, self.turn_taking.silence_ms)
+        self.observer.endpointing(u.record, end_of_speech, decided, self.turn_taking, turn_score)
         self.output.send(speech_ended=edge_pb2.SpeechEnded(turn_index=u.index, offset_ms=speech_end_ms))
         u.answer, u.decided_at = answer, decided
         self.finishing[u.index] = u

@@ -7,7 +7,8 @@ import difflib
 from dataclasses import dataclass
 
 from voicestack.edge.recognition import STT_MAX_UTTERANCE_MS
-from voicestack.v1 import edge_pb2
+from voicestack.audio import PIPELINE_RATE
+from voicestack.v1 import edge_pb2, vad_pb2
 
 SAME_WORDS_RATIO = 0.8
 
@@ -23,12 +24,23 @@ class TurnTaking:
     speculative_pause_ms: int = 250
     interruptible: bool = True
     barge_in_min_speech_ms: int = 400
+    # "silence": the turn ends after silence_ms; "model": the end-of-turn model decides at
+    # each pause of turn_pause_ms, and the turn ends after max_wait_ms of silence at most.
+    mode: str = "silence"
+    turn_threshold: float = 0.5
+    turn_pause_ms: int = 200
+    max_wait_ms: int = 2500
 
     @classmethod
     def from_config(cls, config: edge_pb2.SessionConfig, settings) -> "TurnTaking":
         e, i = config.endpointing, config.interruption
         speculation = {edge_pb2.SPECULATION_MODE_ON: True, edge_pb2.SPECULATION_MODE_OFF: False}
+        modes = {edge_pb2.ENDPOINTING_MODE_SILENCE: "silence", edge_pb2.ENDPOINTING_MODE_MODEL: "model"}
         return cls(
+            mode=modes.get(e.mode, settings.endpointing_mode),
+            turn_threshold=e.turn_threshold or settings.turn_threshold,
+            turn_pause_ms=e.turn_pause_ms or settings.turn_pause_ms,
+            max_wait_ms=e.max_wait_ms or settings.turn_max_wait_ms,
             silence_ms=e.silence_ms or cls.silence_ms,
             min_speech_ms=e.min_speech_ms or cls.min_speech_ms,
             max_utterance_ms=e.max_utterance_ms or cls.max_utterance_ms,
@@ -37,6 +49,15 @@ class TurnTaking:
             interruptible=not i.disabled,
             barge_in_min_speech_ms=i.min_speech_ms or settings.barge_in_min_speech_ms,
         )
+
+    def vad_config(self) -> vad_pb2.VadConfig:
+        model = self.mode == "model"
+        return vad_pb2.VadConfig(
+            sample_rate_hz=PIPELINE_RATE, min_speech_ms=self.min_speech_ms,
+            min_silence_ms=self.max_wait_ms if model else self.silence_ms,
+            pause_ms=self.speculative_pause_ms if self.speculation else 0,
+            turn_model=model, turn_threshold=self.turn_threshold if model else 0.0,
+            turn_pause_ms=self.turn_pause_ms if model else 0)
 
     @property
     def split_ms(self) -> int:

@@ -116,6 +116,23 @@ def build_engine(settings: Settings) -> SileroVad | EnergyVad:
     return SileroVad(threads=settings.threads or 1)
 
 
+class FixedTurnScorer:
+    """BENCHMARKS ONLY (cheap_engines): every pause is the end of the turn."""
+
+    model_name = "fixed-turn-score"
+
+    def score(self, audio: np.ndarray) -> float:
+        return 1.0
+
+
+def build_turn_scorer(settings: Settings):
+    if settings.cheap_engines:
+        return FixedTurnScorer()
+    from voicestack.vad.turn_model import TurnDetector
+
+    return TurnDetector.load(threads=settings.threads or 1)
+
+
 class VadStream:
     """Per-stream state: model state, context, leftover samples and the segmenter.
 
