@@ -245,3 +245,21 @@ async def test_a_long_call_keeps_its_requests_bounded():
         assert len(messages) <= MAX_HISTORY_MESSAGES + 1
         assert messages[0].role == llm_pb2.CHAT_ROLE_SYSTEM and messages[-1].content == f"question {n}"
         assert "question 0" not in [m.content for m in messages]
+
+
+# ---------------------------------------------------------------- how it was said
+
+@pytest.mark.parametrize("notes", [edge_pb2.VOICE_NOTES_ON, edge_pb2.VOICE_NOTES_OFF])
+async def test_how_a_turn_was_said_is_in_its_metrics_and_with_notes_on_in_the_llm_request(notes):
+    async with Call(config=edge_pb2.SessionConfig(voice_notes=notes)) as call:
+        await call.say(400, "what time is it")
+        await call.wait(lambda: call.ended(1))
+        m = call.of("turn_metrics")[0]
+        assert m.words_per_second == pytest.approx(4 / 0.4, rel=0.15)  # 4 words in 400 ms of speech
+        assert m.level_dbfs == -100.0  # the harness's frames are silence
+        user = call.stages.llm_requests[0].messages[-1].content
+        if notes == edge_pb2.VOICE_NOTES_ON:
+            assert user.startswith("what time is it [voice: ") and "words/s" in user and "dBFS" in user, user
+        else:
+            assert user == "what time is it"
+        await call.hang_up()

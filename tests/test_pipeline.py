@@ -43,6 +43,10 @@ async def test_spoken_question_gets_a_spoken_answer(edge_address, speech_dir, wh
     for name in ("endpointing_ms", "stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "voice_to_voice_ms"):
         assert getattr(m, name) > 0, name
     assert m.voice_to_voice_ms >= m.stt_final_ms + m.llm_first_token_ms
+    # How it was said: the language the STT heard, the speech rate and level the edge measured.
+    assert (m.language, m.language_probability) == ("en", pytest.approx(1.0))  # tiny.en hears English only
+    assert 1.0 < m.words_per_second < 6.0, m.words_per_second  # espeak-ng at 150 words a minute
+    assert -40 < m.level_dbfs < -3, m.level_dbfs
 
 
 async def test_human_recording_is_transcribed(edge_address):

@@ -97,6 +97,9 @@ class Settings:
     turn_threshold: float = 0.5
     turn_pause_ms: int = 200
     turn_max_wait_ms: int = 2500
+    # Edge: give the LLM a note of how each turn was said (language, rate, level) unless the
+    # session says (SessionConfig.voice_notes).
+    voice_notes: bool = False
     # Edge: user speech shorter than this does not interrupt the agent.
     barge_in_min_speech_ms: int = 400
     # Edge: agent audio is sent at most this far ahead of the client's playback,

@@ -91,6 +91,14 @@ class TurnObserver:
             span.set_attribute("voicestack.transcript", text)
         span.end()
 
+    def how_it_was_said(self, turn: TurnRecord) -> None:
+        m = turn.metrics
+        if turn.span is not None and turn.span.is_recording():
+            turn.span.set_attribute("voicestack.language", m.language)
+            turn.span.set_attribute("voicestack.language_probability", round(m.language_probability, 3))
+            turn.span.set_attribute("voicestack.words_per_second", round(m.words_per_second, 2))
+            turn.span.set_attribute("voicestack.level_dbfs", round(m.level_dbfs, 1))
+
     def stage_span(self, turn: TurnRecord, name: str, stage: str, **attributes):
         return telemetry.start_span(name, parent=turn.span, voicestack__stage=stage, **attributes)
 

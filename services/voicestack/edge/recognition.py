@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import grpc
+import numpy as np
 
 from voicestack import telemetry, stt, vad
 from voicestack.audio import PIPELINE_RATE, VAD_WINDOW_SAMPLES
@@ -107,6 +108,16 @@ class Utterance:
     ended: bool = False  # no more audio for it
     ended_at: float = 0.0
     dropped: bool = False  # its transcript is not wanted
+    speech_end_ms: int = 0  # where the VAD heard speech end
+    language: str = ""  # the final transcript's language, and the STT's probability for it
+    language_probability: float = 0.0
+
+
+def speech_level_dbfs(pcm: bytes) -> float:
+    """RMS level of PCM16 audio in dB below full scale (-100 for silence)."""
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+    rms = float(np.sqrt(np.mean(samples ** 2))) if samples.size else 0.0
+    return max(-100.0, 20 * np.log10(rms)) if rms > 0 else -100.0
 
 
 class Recognition:
@@ -264,6 +275,7 @@ class Recognition:
                 self.hooks.on_transcript(u, result.text, result.is_final)
                 if result.is_final:
                     final = result.text
+                    u.language, u.language_probability = result.language, result.language_probability
         except StageError as error:
             await u.stt.cancel()  # (a stalled stream is alive: stop its work)
             if not u.dropped:

@@ -37,7 +37,7 @@ from voicestack.edge.events import (AudioIn, Failed, HooksToInbox, InputEnded, P
 from voicestack.edge.generation import GenerationContext, perform_reply
 from voicestack.edge.observer import TurnObserver, TurnRecord
 from voicestack.edge.output import Output
-from voicestack.edge.recognition import Recognition, Utterance
+from voicestack.edge.recognition import Recognition, Utterance, speech_level_dbfs
 from voicestack.edge.routing import Route, choose_route, tool_words
 from voicestack.edge.speech import SpeechHandle, SpeechScheduler
 from voicestack.edge.tool_calls import ClientToolCalls
@@ -63,10 +63,17 @@ class UserTurn:
     answer: bool = True  # False for a monologue's parts: heard now, answered at the end
     decided_at: float = 0.0
     speculation: SpeechHandle | None = None
+    level_dbfs: float = -100.0
 
     @property
     def index(self) -> int:
         return self.utterance.index
+
+
+def voice_note(m: edge_pb2.TurnMetrics) -> str:
+    """How a turn was said, for the LLM: short, and the same shape every turn."""
+    return (f"[voice: language {m.language or '?'} ({m.language_probability:.2f}), "
+            f"{m.words_per_second:.1f} words/s, level {m.level_dbfs:.0f} dBFS]")
 
 
 def _message(role: int, content: str) -> llm_pb2.ChatMessage:
@@ -86,6 +93,8 @@ class Session:
         self.turn_taking = tt = TurnTaking.from_config(config, settings)
         self.greeting = config.greeting
         self.llm_route_hint = config.llm_route
+        notes = {edge_pb2.VOICE_NOTES_ON: True, edge_pb2.VOICE_NOTES_OFF: False}
+        self.voice_notes = notes.get(config.voice_notes, settings.voice_notes)
         self.tool_vocabulary = tool_words(tools.definitions()) if tools is not None else set()
         self.history: list[llm_pb2.ChatMessage] = [_message(SYSTEM, config.system_prompt or settings.system_prompt)]
         self.inbox: asyncio.Queue = asyncio.Queue()
@@ -304,6 +313,9 @@ class Session:
                 return
             u.over_agent = False  # a real turn that could not interrupt: answered after the agent
         decided = time.monotonic()
+        u.utterance.speech_end_ms = speech_end_ms
+        # (now, while the ring buffer surely holds the speech)
+        u.level_dbfs = speech_level_dbfs(self.recognition.audio.between(u.utterance.speech_ms, speech_end_ms))
         end_of_speech = min(self.recognition.audio.wall_time_at(speech_end_ms), decided)
         self.observer.endpointing(u.record, end_of_speech, decided, self.turn_taking, turn_score)
         self.output.send(speech_ended=edge_pb2.SpeechEnded(turn_index=u.index, offset_ms=speech_end_ms))
@@ -327,6 +339,7 @@ class Session:
         del self.finishing[turn.index]
         self.observer.stt_ended(turn.record, (turn.utterance.sent_ms - turn.utterance.start_ms) / 1000)
         self.observer.stt_finalized(turn.record, turn.decided_at, event.text)
+        self._how_it_was_said(turn, event.text)
         self._answer(turn, event.text)
 
     def _on_transcribed_error(self, turn: UserTurn, error: StageError) -> None:
@@ -355,6 +368,9 @@ class Session:
             self._end_turn(turn.index, turn.record)
             return
         self._drop_unheard_replies()  # this turn supersedes an answer not yet heard
+        heard = text
+        if self.voice_notes:  # the LLM reads how it was said too (the history keeps the note)
+            heard = f"{text} {voice_note(turn.record.metrics)}"
         if hit:
             self.speculative_hits += 1
             self.observer.adopt(turn.record, spec.turn)
@@ -363,7 +379,7 @@ class Session:
             turn.speculation = None
         else:
             handle = SpeechHandle(turn.index, user_text=text, turn=turn.record)
-        self._add_history(_message(USER, text))
+        self._add_history(_message(USER, heard))
         self.speech.release(handle)
         if handle.task is None:
             self._start_reply(handle)
@@ -460,6 +476,15 @@ class Session:
             # answer, with any tool calls and results, which must not be split).
             end = next((i for i in range(2, len(self.history)) if self.history[i].role == USER), len(self.history))
             del self.history[1:end]
+
+    def _how_it_was_said(self, turn: UserTurn, text: str) -> None:
+        """Language, speech rate and level of the turn, into its metrics and its trace."""
+        u, m = turn.utterance, turn.record.metrics
+        speech_seconds = max(0.001, (u.speech_end_ms - u.speech_ms) / 1000)
+        m.language, m.language_probability = u.language, u.language_probability
+        m.words_per_second = len(text.split()) / speech_seconds if u.speech_end_ms > u.speech_ms else 0.0
+        m.level_dbfs = turn.level_dbfs
+        self.observer.how_it_was_said(turn.record)
 
     def _route(self, user_text: str, history_messages: int) -> Route:
         if self.settings.llm_routing == "fast" and not self.llm_route_hint:

@@ -18,6 +18,8 @@ stand-in (settings.cheap_engines); `build_engine(settings)` picks the engine.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from voicestack import models
@@ -36,6 +38,13 @@ TRANSCRIPT = "What is the capital of France?"  # all FixedStt ever hears
 # 12.5-25 s, none did (nor any of 20 of 59 s), and words recognised overall went 70% -> 88%.
 WINDOW_SECONDS = 25.0
 QUIET_FRAME_SAMPLES = 320  # 20 ms: loudness is compared frame by frame, over 3 frames
+
+
+@dataclass(frozen=True)
+class Heard:
+    text: str
+    language: str  # BCP-47
+    language_probability: float  # 1.0 when the model serves one language only
 
 
 class WhisperEngine:
@@ -61,12 +70,16 @@ class WhisperEngine:
 
     def transcribe(self, audio: np.ndarray) -> str:
         """float32 mono 16 kHz samples in [-1, 1]; returns the text, stripped."""
+        return self.transcribe_heard(audio).text
+
+    def transcribe_heard(self, audio: np.ndarray) -> Heard:
+        """The text, and the language the model heard with its probability."""
         audio = np.asarray(audio, dtype=np.float32)
         if audio.ndim != 1:
             raise ValueError(f"expected mono 1-D audio, got shape {audio.shape}")
         if len(audio) < self.sample_rate // 10:  # too short to hold a word; Whisper would invent one
-            return ""
-        segments, _ = self._model.transcribe(
+            return Heard("", "en", 1.0)
+        segments, info = self._model.transcribe(
             audio,
             language="en",
             beam_size=1,
@@ -76,7 +89,8 @@ class WhisperEngine:
             condition_on_previous_text=False,
             clip_timestamps=quiet_cuts(audio, self.sample_rate),  # each piece decoded on its own
         )
-        return "".join(s.text for s in segments).strip()
+        text = "".join(s.text for s in segments).strip()  # (decoding happens here, segments are lazy)
+        return Heard(text, info.language, float(info.language_probability))
 
 
 def quiet_cuts(audio: np.ndarray, rate: int) -> list[float]:
@@ -106,12 +120,15 @@ class FixedStt:
         self.text = text
 
     def transcribe(self, audio: np.ndarray) -> str:
+        return self.transcribe_heard(audio).text
+
+    def transcribe_heard(self, audio: np.ndarray) -> Heard:
         audio = np.asarray(audio, dtype=np.float32)
         if audio.ndim != 1:
             raise ValueError(f"expected mono 1-D audio, got shape {audio.shape}")
         if len(audio) < self.sample_rate // 10:  # as WhisperEngine: too short to hold a word
-            return ""
-        return self.text
+            return Heard("", "en", 1.0)
+        return Heard(self.text, "en", 1.0)
 
 
 def build_engine(settings: Settings) -> WhisperEngine | FixedStt:

@@ -14,7 +14,7 @@ from voicestack.config import Settings
 from voicestack.errors import invalid
 from voicestack.stage import Stage, first_message
 from voicestack.stt import CONTRACT
-from voicestack.stt.engine import DecodeSchedule, build_engine
+from voicestack.stt.engine import DecodeSchedule, Heard, build_engine
 from voicestack.v1 import stt_pb2, stt_pb2_grpc
 
 MAX_CHUNK_BYTES = PIPELINE_RATE * 2  # one second
@@ -43,10 +43,10 @@ class SttStage(Stage):
     def add_to_grpc(self, server) -> None:
         stt_pb2_grpc.add_SttServiceServicer_to_server(SttServicer(self), server)
 
-    async def _decode(self, pcm: bytes) -> tuple[str, float]:
+    async def _decode(self, pcm: bytes) -> tuple[Heard, float]:
         started = time.perf_counter()
-        text = await asyncio.to_thread(self.engine.transcribe, pcm16_to_float(pcm))
-        return text, time.perf_counter() - started
+        heard = await asyncio.to_thread(self.engine.transcribe_heard, pcm16_to_float(pcm))
+        return heard, time.perf_counter() - started
 
     async def stream(self, requests, context):
         config = await first_message(requests, "config", "an SttConfig")
@@ -71,19 +71,19 @@ class SttStage(Stage):
                 schedule.add(pcm)
                 if decode is not None and decode.task.done() and not decode.reported:
                     decode.reported = True
-                    text, seconds = decode.task.result()
-                    if config.interim_results and text and text != last_interim:
-                        last_interim = text
-                        yield stt_pb2.TranscribeResponse(text=text, audio_seconds=decode.covers / 2 / PIPELINE_RATE,
+                    heard, seconds = decode.task.result()
+                    if config.interim_results and heard.text and heard.text != last_interim:
+                        last_interim = heard.text
+                        yield stt_pb2.TranscribeResponse(text=heard.text, audio_seconds=decode.covers / 2 / PIPELINE_RATE,
                                                          compute_seconds=seconds)
                 if (decode is None or decode.task.done()) and schedule.due(decode.covers if decode else 0):
                     decode = _Decode(asyncio.create_task(self._decode(bytes(audio))), len(audio))
             if decode is not None and schedule.final(decode.covers):
                 # Nothing but quiet since that decode began: its transcript is the final one.
-                text, seconds = await decode.task
+                heard, seconds = await decode.task
                 decode = None
             else:
-                text, seconds = await self._decode(bytes(audio))
+                heard, seconds = await self._decode(bytes(audio))
         finally:
             if decode is not None and not decode.task.done():
                 decode.task.cancel()  # (its thread finishes in the background)
@@ -96,7 +96,9 @@ class SttStage(Stage):
         span.set_attribute("voicestack.model", self.describe()["model"])
         span.set_attribute("voicestack.audio_seconds", round(audio_seconds, 3))
         span.set_attribute("voicestack.compute_seconds", round(seconds, 4))
-        yield stt_pb2.TranscribeResponse(text=text, is_final=True, audio_seconds=audio_seconds, compute_seconds=seconds)
+        yield stt_pb2.TranscribeResponse(text=heard.text, is_final=True, audio_seconds=audio_seconds,
+                                         compute_seconds=seconds, language=heard.language,
+                                         language_probability=heard.language_probability)
 
 
 class SttServicer(stt_pb2_grpc.SttServiceServicer):
