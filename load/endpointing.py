@@ -37,6 +37,7 @@ import numpy as np
 from load.stats import fmt_ms, summarize, table, write_json
 from load.system import machine
 from voicestack.audio import PIPELINE_RATE, float_to_pcm16, read_wav
+from voicestack.client import silence
 from voicestack.vad.engine import ENDED, SileroVad, TurnPolicy
 
 ALSA = Path("/usr/share/sounds/alsa")
@@ -68,10 +69,6 @@ class Sample:
     done: bool
     speech_end_ms: int = 0  # done: where speech ends
     pause_ms: tuple[int, int] = (0, 0)  # not done: the pause, start and end
-
-
-def silence(ms: int) -> np.ndarray:
-    return np.zeros(PIPELINE_RATE * ms // 1000, np.float32)
 
 
 def word_gap(audio: np.ndarray) -> tuple[int, int]:

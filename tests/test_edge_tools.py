@@ -229,3 +229,27 @@ async def test_tool_config_errors_name_the_tool():
             async with Call(config=config):
                 pass
         assert failure.value.code == grpc.StatusCode.INVALID_ARGUMENT and name in failure.value.message
+
+
+@pytest.mark.parametrize("point", ["open", "first", "mid", "end", "stall"])
+async def test_the_llm_failing_in_the_round_after_a_tool_ends_the_turn_once_and_the_call_goes_on(point):
+    config = tools_config()
+    config.llm_route = edge_pb2.LLM_ROUTE_FAST  # (a turn about the time would go to llm-strong)
+    async with Call(config=config) as call:
+        call.stages.tool_calls.append(("Let me check. ", [call_of("get_time")]))
+        call.stages.fail("llm", "none")  # the first round is served...
+        call.stages.fail("llm", point, grpc.StatusCode.INTERNAL)  # ...the one after the result fails
+        await call.say(400, "what time is it")
+        await call.wait(lambda: call.of("tool_call"))
+        answer(call, "call_get_time", "14:32")
+        await call.wait(lambda: call.ended(1))
+        errors = call.of("error")
+        assert len(errors) == 1 and errors[0].stage == "llm", errors
+        k = kinds(call)
+        assert k[k.index("error") + 1] == "agent_turn_ended"
+        await call.say(400, "again")
+        await call.wait(lambda: call.ended(2))
+        assert call.reply_text(2).endswith("to again.")
+        await call.hang_up()
+    assert call.status is None
+    assert not call.stages.open_streams()

@@ -18,6 +18,18 @@ def pcm16_to_float(pcm: bytes) -> np.ndarray:
     return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
 
 
+def rms(pcm: bytes) -> float:
+    """RMS of PCM16 audio, full scale 1.0."""
+    samples = pcm16_to_float(pcm)
+    return float(np.sqrt(np.mean(samples * samples))) if samples.size else 0.0
+
+
+def level_dbfs(pcm: bytes) -> float:
+    """RMS level of PCM16 audio in dB below full scale (-100 for silence)."""
+    value = rms(pcm)
+    return max(-100.0, 20 * float(np.log10(value))) if value > 0 else -100.0
+
+
 def float_to_pcm16(audio: np.ndarray) -> bytes:
     return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 

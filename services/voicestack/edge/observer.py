@@ -78,7 +78,7 @@ class TurnObserver:
         turn.metrics.endpointing_ms = (decided - end_of_speech) * 1000
         span = telemetry.start_span("endpointing", parent=turn.span, start_time=end_of_speech,
                                     voicestack__endpointing__mode=turn_taking.mode,
-                                    voicestack__silence_ms=turn_taking.vad_config().min_silence_ms)
+                                    voicestack__silence_ms=turn_taking.end_silence_ms)
         if turn_score is not None:  # the model decided (or was waited out): its score
             span.set_attribute("voicestack.endpointing.score", round(turn_score, 3))
             span.set_attribute("voicestack.endpointing.threshold", turn_taking.turn_threshold)

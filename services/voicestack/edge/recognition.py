@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import grpc
-import numpy as np
 
 from voicestack import telemetry, stt, vad
 from voicestack.audio import PIPELINE_RATE, VAD_WINDOW_SAMPLES
@@ -111,13 +110,6 @@ class Utterance:
     speech_end_ms: int = 0  # where the VAD heard speech end
     language: str = ""  # the final transcript's language, and the STT's probability for it
     language_probability: float = 0.0
-
-
-def speech_level_dbfs(pcm: bytes) -> float:
-    """RMS level of PCM16 audio in dB below full scale (-100 for silence)."""
-    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
-    rms = float(np.sqrt(np.mean(samples ** 2))) if samples.size else 0.0
-    return max(-100.0, 20 * np.log10(rms)) if rms > 0 else -100.0
 
 
 class Recognition:

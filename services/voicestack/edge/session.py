@@ -31,13 +31,13 @@ from dataclasses import dataclass
 import grpc
 
 from voicestack import llm
-from voicestack.audio import PIPELINE_RATE, VAD_WINDOW_SAMPLES, float_to_pcm16, pcm16_to_float, resample
+from voicestack.audio import PIPELINE_RATE, VAD_WINDOW_SAMPLES, float_to_pcm16, level_dbfs, pcm16_to_float, resample
 from voicestack.edge.events import (AudioIn, Failed, HooksToInbox, InputEnded, Playback, RecognitionEnded,
                                     ReplyDone, ToolAnswered, Transcribed, Transcript, VadDecision)
 from voicestack.edge.generation import GenerationContext, perform_reply
 from voicestack.edge.observer import TurnObserver, TurnRecord
 from voicestack.edge.output import Output
-from voicestack.edge.recognition import Recognition, Utterance, speech_level_dbfs
+from voicestack.edge.recognition import Recognition, Utterance
 from voicestack.edge.routing import Route, choose_route, tool_words
 from voicestack.edge.speech import SpeechHandle, SpeechScheduler
 from voicestack.edge.tool_calls import ClientToolCalls
@@ -315,7 +315,7 @@ class Session:
         decided = time.monotonic()
         u.utterance.speech_end_ms = speech_end_ms
         # (now, while the ring buffer surely holds the speech)
-        u.level_dbfs = speech_level_dbfs(self.recognition.audio.between(u.utterance.speech_ms, speech_end_ms))
+        u.level_dbfs = level_dbfs(self.recognition.audio.between(u.utterance.speech_ms, speech_end_ms))
         end_of_speech = min(self.recognition.audio.wall_time_at(speech_end_ms), decided)
         self.observer.endpointing(u.record, end_of_speech, decided, self.turn_taking, turn_score)
         self.output.send(speech_ended=edge_pb2.SpeechEnded(turn_index=u.index, offset_ms=speech_end_ms))

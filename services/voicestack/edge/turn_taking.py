@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from voicestack.edge.recognition import STT_MAX_UTTERANCE_MS
 from voicestack.audio import PIPELINE_RATE
+from voicestack.config import Settings
 from voicestack.v1 import edge_pb2, vad_pb2
 
 SAME_WORDS_RATIO = 0.8
@@ -26,10 +27,10 @@ class TurnTaking:
     barge_in_min_speech_ms: int = 400
     # "silence": the turn ends after silence_ms; "model": the end-of-turn model decides at
     # each pause of turn_pause_ms, and the turn ends after max_wait_ms of silence at most.
-    mode: str = "silence"
-    turn_threshold: float = 0.5
-    turn_pause_ms: int = 200
-    max_wait_ms: int = 2500
+    mode: str = Settings.endpointing_mode
+    turn_threshold: float = Settings.turn_threshold
+    turn_pause_ms: int = Settings.turn_pause_ms
+    max_wait_ms: int = Settings.turn_max_wait_ms
 
     @classmethod
     def from_config(cls, config: edge_pb2.SessionConfig, settings) -> "TurnTaking":
@@ -50,11 +51,16 @@ class TurnTaking:
             barge_in_min_speech_ms=i.min_speech_ms or settings.barge_in_min_speech_ms,
         )
 
+    @property
+    def end_silence_ms(self) -> int:
+        """The silence that ends a turn whatever else happens."""
+        return self.max_wait_ms if self.mode == "model" else self.silence_ms
+
     def vad_config(self) -> vad_pb2.VadConfig:
         model = self.mode == "model"
         return vad_pb2.VadConfig(
             sample_rate_hz=PIPELINE_RATE, min_speech_ms=self.min_speech_ms,
-            min_silence_ms=self.max_wait_ms if model else self.silence_ms,
+            min_silence_ms=self.end_silence_ms,
             pause_ms=self.speculative_pause_ms if self.speculation else 0,
             turn_model=model, turn_threshold=self.turn_threshold if model else 0.0,
             turn_pause_ms=self.turn_pause_ms if model else 0)

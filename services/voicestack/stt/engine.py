@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from voicestack import models
-from voicestack.audio import PIPELINE_RATE, pcm16_to_float
+from voicestack.audio import PIPELINE_RATE, rms
 from voicestack.config import Settings
 
 # Interim decodes re-read the whole utterance; one per this much new audio keeps
@@ -138,11 +138,6 @@ def build_engine(settings: Settings) -> WhisperEngine | FixedStt:
         model=settings.stt_model or None, device=settings.device,
         compute_type="int8" if settings.device == "cpu" else "float16", threads=settings.threads,
     )
-
-
-def rms(pcm: bytes) -> float:
-    samples = pcm16_to_float(pcm)
-    return float(np.sqrt(np.mean(samples * samples))) if samples.size else 0.0
 
 
 class DecodeSchedule:

@@ -12,6 +12,7 @@ place of the model. `build_engine(settings)` picks one of the two.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -166,8 +167,8 @@ class VadStream:
         # end of turn by model: the recent audio (for scoring), and this pause's score
         self._turn = turn
         self._turn_pause = (turn.pause_ms if turn else 0) * SAMPLE_RATE // 1000
-        self._recent = np.zeros(0, np.float32)
-        self._recent_base = 0  # sample index of _recent[0]
+        self._recent: deque[np.ndarray] = deque()  # chunks as fed: appended per frame, joined per decision
+        self._recent_base = 0  # sample index of the first chunk's first sample
         self._scored_pause = False
         self._turn_score = -1.0
 
@@ -265,19 +266,19 @@ class VadStream:
 
     def _keep_recent(self, audio: np.ndarray) -> None:
         """Audio the turn model may need: since the speech start (less a pre-roll), at most
-        its last 8 s, up to what has been fed."""
-        self._recent = np.concatenate([self._recent, audio])
+        its last 8 s, up to what has been fed. Kept as chunks, so a frame costs an append,
+        not a copy of seconds of audio; whole chunks are let go once before what is needed."""
+        self._recent.append(audio)
         keep_from = self._done - TURN_PRE_ROLL_SAMPLES if self._start is None else self._start - TURN_PRE_ROLL_SAMPLES
         keep_from = max(keep_from, self._done + len(audio) - TURN_AUDIO_SAMPLES - SAMPLE_RATE)
-        drop = keep_from - self._recent_base
-        if drop > 0:
-            self._recent = self._recent[drop:]
-            self._recent_base += drop
+        while self._recent and self._recent_base + len(self._recent[0]) <= keep_from:
+            self._recent_base += len(self._recent.popleft())
 
     def _score(self, end: int) -> float:
         """The turn model on the utterance up to `end` (never audio past the decision point)."""
+        recent = np.concatenate(self._recent)
         begin = max(self._start - TURN_PRE_ROLL_SAMPLES, end - TURN_AUDIO_SAMPLES, self._recent_base)
-        return float(self._turn.scorer.score(self._recent[begin - self._recent_base: end - self._recent_base]))
+        return float(self._turn.scorer.score(recent[begin - self._recent_base: end - self._recent_base]))
 
     def _confirm(self, end: int) -> list[VadEvent]:
         if end - self._start >= self._min_speech:
