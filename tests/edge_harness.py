@@ -21,7 +21,10 @@ SPEECH_RESUMED = vad_pb2.VAD_EVENT_TYPE_SPEECH_RESUMED
 
 
 def fast_settings(**overrides) -> Settings:
-    values = dict(disclosure=False, stage_stall_seconds=0.3, audio_lead_ms=300, speculation=False)
+    # Backchannels interrupt like any speech here: the barge-in tests script no interim
+    # transcripts (test_backchannels.py tests ignoring them).
+    values = dict(disclosure=False, stage_stall_seconds=0.3, audio_lead_ms=300, speculation=False,
+                  ignore_backchannels=False)
     values.update(overrides)
     return Settings(**values)
 

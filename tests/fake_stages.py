@@ -4,7 +4,8 @@ process tests are. They speak the opener's API of bus.StageClient (`open(contrac
 session_id=...)` -> a stream with send/end/cancel, async iteration, `async with`).
 
   VAD  emits nothing by itself: the test says when speech starts, pauses, ends (`vad_event`)
-  STT  on its input's end, the final transcript: the next of `transcripts`, else "hello there"
+  STT  on its input's end, the final transcript: the next of `transcripts`, else "hello there";
+       an interim when the test says (`interim`)
   LLM  "reply N to <user text>." word by word
   TTS  one clause per text sent (its first chunk carries the text), 10 ms of audio per word
 
@@ -55,7 +56,9 @@ class FakeStream:
         self.ended = True
         if self.stage == "stt":
             text = self.stages.transcripts.popleft() if self.stages.transcripts else "hello there"
-            self._put(stt_pb2.TranscribeResponse(text=text, is_final=True))
+            language, probability = self.stages.languages.popleft() if self.stages.languages else ("en", 1.0)
+            self._put(stt_pb2.TranscribeResponse(text=text, is_final=True, language=language,
+                                                 language_probability=probability))
         self._put(None)  # END after what was produced
 
     async def cancel(self) -> None:
@@ -106,12 +109,17 @@ class FakeStream:
         self._put(StageError(code, f"{self.stage} failed (scripted)", self.stage))
         await asyncio.sleep(0)
 
+    def interim(self, text: str) -> None:
+        """(STT) an interim transcript of the utterance so far."""
+        self._put(stt_pb2.TranscribeResponse(text=text, is_final=False))
+
     def vad_event(self, kind: int, offset_ms: int) -> None:
         self._put(vad_pb2.DetectResponse(type=kind, offset_ms=offset_ms))
 
     def _write_reply(self, request: llm_pb2.GenerateRequest) -> None:
         self.stages.llm_requests.append(request)
-        user = request.messages[-1].content if request.messages else ""
+        said = [m for m in request.messages if m.role != llm_pb2.CHAT_ROLE_SYSTEM]  # (an instruction may be last)
+        user = said[-1].content if said else ""
         self.stages.replies += 1
         if request.tools and self.stages.tool_calls:  # a scripted round of calls
             preamble, calls = self.stages.tool_calls.popleft()
@@ -140,6 +148,7 @@ class FakeStages:
         self.opened: list[FakeStream] = []
         self.failures: dict[str, deque] = {s: deque() for s in ("vad", "stt", "llm", "llm-strong", "tts")}
         self.transcripts: deque = deque()
+        self.languages: deque = deque()  # (language, probability) of the next finals, else ("en", 1.0)
         self.llm_requests: list[llm_pb2.GenerateRequest] = []
         self.tool_calls: deque = deque()  # (preamble, [ToolCall]): the next LLM round offered tools makes these
         self.replies = 0
@@ -160,6 +169,10 @@ class FakeStages:
     @property
     def vad(self) -> FakeStream:
         return [s for s in self.opened if s.stage == "vad" and not s.done][-1]
+
+    @property
+    def stt(self) -> FakeStream:
+        return [s for s in self.opened if s.stage == "stt" and not s.done][-1]
 
     def open_streams(self) -> list[FakeStream]:
         return [s for s in self.opened if not s.done]

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import speak, words
 from flaky_llm_server import DROP_AFTER_WORDS, REPLY, STALL_AFTER_WORDS, FlakyLlmServer
-from scripted import Script
+from voicestack.client import LiveMicrophone
 from voicestack.audio import PIPELINE_RATE
 from voicestack.launcher import START_ORDER, Stack
 from voicestack.llm.engine import LlmUnavailable, OpenAIEngine
@@ -153,7 +153,7 @@ def session_config() -> edge_pb2.SessionConfig:
         input_format=audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=PIPELINE_RATE))
 
 
-async def ask_two_questions(address: str, speech_dir, before_first, after_first) -> Script:
+async def ask_two_questions(address: str, speech_dir, before_first, after_first) -> LiveMicrophone:
     """One call, two questions; before_first() and after_first() rescript the LLM around turn 1."""
     first = speak("What is the capital of France?", speech_dir)
     second = speak("Tell me again, what is the capital of France?", speech_dir)
@@ -173,7 +173,7 @@ async def ask_two_questions(address: str, speech_dir, before_first, after_first)
         await send(second)
         await turn_done(script, 2, 60)
 
-    script = Script(session_config())
+    script = LiveMicrophone(session_config())
     await script.run(address, speaker)
     return script
 
@@ -187,7 +187,7 @@ def turn_of(event) -> int | None:
     return getattr(body, "turn_index", None)
 
 
-def call_summary(script: Script) -> str:
+def call_summary(script: LiveMicrophone) -> str:
     """The call's events, for failure messages: `speech_ended:1 error(llm UNAVAILABLE) ...`."""
     parts = []
     for _, event in script.timeline:
@@ -205,7 +205,7 @@ def call_summary(script: Script) -> str:
     return " ".join(parts)
 
 
-def event_index(script: Script) -> dict:
+def event_index(script: LiveMicrophone) -> dict:
     """(kind, turn) -> the position of its first event in the call."""
     index = {}
     for i, (_, event) in enumerate(script.timeline):
@@ -213,11 +213,11 @@ def event_index(script: Script) -> dict:
     return index
 
 
-def errors_of(script: Script) -> list[int]:
+def errors_of(script: LiveMicrophone) -> list[int]:
     return [i for i, (_, event) in enumerate(script.timeline) if kind_of(event) == "error"]
 
 
-def assert_turn_ended_soon(script: Script, turn: int, bound_s: float, summary: str) -> None:
+def assert_turn_ended_soon(script: LiveMicrophone, turn: int, bound_s: float, summary: str) -> None:
     index = event_index(script)
     assert ("speech_ended", turn) in index, f"question {turn} was not heard: {summary}"
     assert ("agent_turn_ended", turn) in index, f"turn {turn} did not end with AgentTurnEnded: {summary}"
@@ -226,7 +226,7 @@ def assert_turn_ended_soon(script: Script, turn: int, bound_s: float, summary: s
     assert took < bound_s, f"turn {turn} took {took:.1f}s (over {bound_s:.0f}s) to end after the question: {summary}"
 
 
-def assert_answered(script: Script, turn: int, summary: str) -> None:
+def assert_answered(script: LiveMicrophone, turn: int, summary: str) -> None:
     answer = script.conversation.turns.get(turn)
     assert answer is not None and answer.transcript, f"question {turn} was not transcribed: {summary}"
     assert answer.ended and answer.interrupted is None, summary

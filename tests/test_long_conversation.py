@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import speak
-from scripted import Script
+from voicestack.client import LiveMicrophone
 from voicestack import models
 from voicestack.audio import PIPELINE_RATE
 from voicestack.llm.engine import trim_history
@@ -76,7 +76,7 @@ async def test_a_20_turn_conversation_answers_every_turn(edge_address, speech_di
         input_format=audio_pb2.AudioFormat(encoding=audio_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=PIPELINE_RATE),
         system_prompt=SYSTEM_PROMPT, max_reply_tokens=MAX_REPLY_TOKENS)
     started = time.monotonic()
-    conversation = await Script(config).run(edge_address, speaker, timeout=CALL_TIMEOUT_S)
+    conversation = await LiveMicrophone(config).run(edge_address, speaker, timeout=CALL_TIMEOUT_S)
     elapsed = time.monotonic() - started
     print(f"\n{TURNS} turns in {elapsed:.0f} s; per turn, question sent to AgentTurnEnded (s): "
           + " ".join(f"{took[i]:.1f}" for i in sorted(took)) + "; LLM first token (ms): "

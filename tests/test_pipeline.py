@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import HUMAN_RECORDING, silence, speak, words
-from scripted import Script
+from voicestack.client import LiveMicrophone
 from voicestack.audio import read_wav, resample
 from voicestack.client import converse
 from voicestack.stt.engine import WhisperEngine
@@ -67,7 +67,7 @@ async def test_two_turns_keep_the_conversation(edge_address, speech_dir):
         await send(second)
         await script.wait_for(lambda: script.turn_done(2), timeout=90)
 
-    conversation = await Script(edge_pb2.SessionConfig()).run(edge_address, speaker)
+    conversation = await LiveMicrophone(edge_pb2.SessionConfig()).run(edge_address, speaker)
     assert [t.index for t in conversation.replies] == [1, 2]
     assert all(t.ended and t.reply_text.strip() for t in conversation.replies)
     assert "name" in words(conversation.turns[2].transcript)

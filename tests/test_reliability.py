@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from conftest import metric, silence, speak, words
-from scripted import Script
+from voicestack.client import LiveMicrophone
 from voicestack.audio import PIPELINE_RATE
 from voicestack.client import converse, frames
 from voicestack.config import Settings
@@ -102,7 +102,7 @@ async def wait_until(predicate, timeout: float, what: str, every: float = 0.1) -
         await asyncio.sleep(every)
 
 
-def events_of(script: Script, kind: str, turn: int) -> list[tuple[float, object]]:
+def events_of(script: LiveMicrophone, kind: str, turn: int) -> list[tuple[float, object]]:
     out = []
     for at, event in script.timeline:
         if event.WhichOneof("kind") == kind and getattr(event, kind).turn_index == turn:
@@ -110,7 +110,7 @@ def events_of(script: Script, kind: str, turn: int) -> list[tuple[float, object]
     return out
 
 
-def playback_stall_ms(script: Script, turn: int) -> float:
+def playback_stall_ms(script: LiveMicrophone, turn: int) -> float:
     """How far the turn's audio fell behind real-time playback at its worst: a client that
     starts playing at the first chunk hears a gap this long (0 when it never ran dry)."""
     chunks = events_of(script, "agent_audio", turn)
@@ -123,7 +123,7 @@ def playback_stall_ms(script: Script, turn: int) -> float:
     return worst * 1000
 
 
-def first_event_at(script: Script, kind: str, turn: int) -> float | None:
+def first_event_at(script: LiveMicrophone, kind: str, turn: int) -> float | None:
     found = events_of(script, kind, turn)
     return found[0][0] if found else None
 
@@ -342,7 +342,7 @@ async def test_stage_replica_killed_mid_turn_fails_over(replicated, question, sp
     marks: dict[str, float] = {}
     killed: dict[str, str] = {}
 
-    async def kill_when_busy(script: Script):
+    async def kill_when_busy(script: LiveMicrophone):
         if trigger == "last_speech_frame":
             await script.wait_for(lambda: "spoken_2" in marks, 60)
         else:
@@ -354,7 +354,7 @@ async def test_stage_replica_killed_mid_turn_fails_over(replicated, question, sp
         killed["name"] = victim
         await asyncio.to_thread(stack.processes[victim].popen.wait, 10)
 
-    async def speaker(script: Script, send):
+    async def speaker(script: LiveMicrophone, send):
         await script.wait_for(lambda: script.turn_done(0), 60)
         await send(question)  # a normal turn: the baseline, same stack, same moment
         marks["spoken_1"] = time.monotonic()
@@ -368,7 +368,7 @@ async def test_stage_replica_killed_mid_turn_fails_over(replicated, question, sp
         await killer
         await script.wait_for(lambda: script.turn_done(2) or script.call_ended, 120)
 
-    script = Script(config)
+    script = LiveMicrophone(config)
     try:
         conversation = await script.run(stack.processes["edge"].address, speaker)
     finally:
@@ -413,7 +413,7 @@ async def test_no_replica_left_is_unavailable_then_the_session_recovers(replicat
         stack.stop(name, sig=signal.SIGKILL)
     respawned: list[str] = []
 
-    async def speaker(script: Script, send):
+    async def speaker(script: LiveMicrophone, send):
         await script.wait_for(lambda: script.turn_done(0), 60)
         await send(question)
         await script.wait_for(lambda: script.turn_done(1) or script.call_ended, 60)
@@ -421,7 +421,7 @@ async def test_no_replica_left_is_unavailable_then_the_session_recovers(replicat
         await send(question)
         await script.wait_for(lambda: script.turn_done(2) or script.call_ended, 120)
 
-    conversation = await Script(session_config()).run(stack.processes["edge"].address, speaker)
+    conversation = await LiveMicrophone(session_config()).run(stack.processes["edge"].address, speaker)
     [error] = conversation.errors
     assert code_from_int(error.code) == grpc.StatusCode.UNAVAILABLE and error.stage == "stt", error
     assert "stt" in error.message
@@ -437,7 +437,7 @@ async def test_no_replica_left_is_unavailable_then_the_session_recovers(replicat
 def asks_twice_across(fault, question):
     """A caller who, after the opening, asks `question` while `fault()` runs (it begins 0.8 s
     into the utterance), waits for that turn to end one way or another, then asks again."""
-    async def speaker(script: Script, send):
+    async def speaker(script: LiveMicrophone, send):
         await script.wait_for(lambda: script.turn_done(0), 60)
         faulting = asyncio.create_task(fault())
         await send(question)
@@ -469,7 +469,7 @@ async def test_nats_restart_during_a_session(replicated, question):
         await asyncio.to_thread(stack.start_nats)
         outage["started"] = time.monotonic()
 
-    script = Script(session_config())
+    script = LiveMicrophone(session_config())
     began = time.monotonic()
     with contextlib.suppress(grpc.aio.AioRpcError):
         await script.run(stack.processes["edge"].address, asks_twice_across(restart_nats, question))
@@ -529,7 +529,7 @@ async def test_nats_cluster_node_loss_mid_session(clustered, question):
         await asyncio.to_thread(stack.stop_nats, index)  # the server the edge talks through
         lost["at"] = time.monotonic()
 
-    conversation = await Script(session_config()).run(edge.address, asks_twice_across(lose_a_node, question))
+    conversation = await LiveMicrophone(session_config()).run(edge.address, asks_twice_across(lose_a_node, question))
     try:
         result = {"case": "nats-cluster-node-loss", "stopped_server": index,
                   "errors": [(e.stage, e.message) for e in conversation.errors],
@@ -555,12 +555,12 @@ async def test_a_full_stage_refuses_the_second_utterance(guarded, question):
     on, and its next try is served once the STT is free."""
     address = guarded.processes["edge"].address
     both_listening = asyncio.Barrier(2)
-    scripts: list[Script] = []
+    scripts: list[LiveMicrophone] = []
 
-    def refused(script: Script) -> bool:
+    def refused(script: LiveMicrophone) -> bool:
         return any(e.stage == "stt" for e in script.conversation.errors)
 
-    async def speaker(script: Script, send):
+    async def speaker(script: LiveMicrophone, send):
         await script.wait_for(lambda: script.turn_done(0), 60)
         await both_listening.wait()
         await send(question)
@@ -573,9 +573,9 @@ async def test_a_full_stage_refuses_the_second_utterance(guarded, question):
         else:
             await script.wait_for(lambda: any(s.turn_done(2) for s in scripts) or script.call_ended, 120)
 
-    scripts[:] = [Script(session_config()), Script(session_config())]
+    scripts[:] = [LiveMicrophone(session_config()), LiveMicrophone(session_config())]
 
-    async def watch_other(script: Script):  # wake a waiting script when the other changes
+    async def watch_other(script: LiveMicrophone):  # wake a waiting script when the other changes
         while not script.finished:
             await asyncio.sleep(0.2)
             script.changed.set()

@@ -96,6 +96,7 @@ async def test_health_and_reflection_on_every_service(stack):
     ("vad", vad_pb2.DetectRequest(audio=audio_pb2.AudioChunk(pcm=b"\0\0"))),
     ("stt", stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(sample_rate_hz=44100))),
     ("tts", tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(voice="nobody"))),
+    ("tts", tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(language="tlh"))),
 ])
 async def test_stage_rejects_bad_input(stack, name, bad_first):
     stubs = {"vad": (vad_pb2_grpc.VadServiceStub, "Detect"), "stt": (stt_pb2_grpc.SttServiceStub, "Transcribe"),

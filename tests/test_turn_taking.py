@@ -11,7 +11,7 @@ import pytest
 
 from conftest import metric, silence, speak, words
 from voicestack.audio import PIPELINE_RATE
-from scripted import Script
+from voicestack.client import LiveMicrophone
 from voicestack.v1 import audio_pb2, edge_pb2
 
 STORY_PROMPT = "You are a storyteller. Always answer with a very long story of at least twenty sentences."
@@ -28,7 +28,7 @@ async def test_disclosure_is_the_first_thing_heard(edge_address, speech_dir):
     async def speaker(script, send):
         await script.wait_for(lambda: script.turn_done(0))
 
-    conversation = await Script(session_config()).run(edge_address, speaker)
+    conversation = await LiveMicrophone(session_config()).run(edge_address, speaker)
     first_audio = next(e for e in conversation.events if e.WhichOneof("kind") == "agent_audio")
     assert first_audio.agent_audio.turn_index == 0
     assert conversation.opening.reply_text.strip() == "You are talking to an AI assistant."
@@ -51,7 +51,7 @@ async def test_barge_in_cuts_the_reply_and_the_history(stack, edge_address, spee
         await send(interruption)
         await script.wait_for(lambda: 2 in script.first_audio, timeout=90)  # the agent answers it
 
-    script = Script(session_config(system_prompt=STORY_PROMPT, max_reply_tokens=1000))
+    script = LiveMicrophone(session_config(system_prompt=STORY_PROMPT, max_reply_tokens=1000))
     conversation = await script.run(edge_address, speaker)
 
     first, second = conversation.turns[1], conversation.turns[2]
@@ -85,7 +85,7 @@ async def test_a_short_noise_does_not_interrupt(edge_address, speech_dir):
         await send(burst)
         await script.wait_for(lambda: script.turn_done(1), timeout=90)
 
-    script = Script(session_config(system_prompt=STORY_PROMPT, max_reply_tokens=60))
+    script = LiveMicrophone(session_config(system_prompt=STORY_PROMPT, max_reply_tokens=60))
     conversation = await script.run(edge_address, speaker)
     assert conversation.turns[1].interrupted is None
     assert conversation.turns[1].ended
@@ -103,7 +103,7 @@ async def test_a_long_utterance_is_split_into_turns(edge_address, speech_dir):
         await script.wait_for(lambda: any(t.ended and t.reply_text for t in script.conversation.replies), timeout=90)
 
     config = session_config(endpointing=edge_pb2.EndpointingConfig(max_utterance_ms=2000))
-    conversation = await Script(config).run(edge_address, speaker)
+    conversation = await LiveMicrophone(config).run(edge_address, speaker)
     ended = [e.speech_ended.turn_index for e in conversation.events if e.WhichOneof("kind") == "speech_ended"]
     finals = [t for t in conversation.replies if t.transcript]
     assert len(ended) >= 2 and len(finals) >= 2, (ended, [t.transcript for t in finals])
@@ -130,7 +130,7 @@ async def test_speculative_replies(edge_address, speech_dir, pause_ms, expect):
     # A hit needs the transcript at the pause to equal the final one; tiny.en on a loaded
     # 2-core machine sometimes hears the same audio two ways, so a hit gets two tries.
     for attempt in range(2 if expect == "hit" else 1):
-        conversation = await Script(config).run(edge_address, speaker)
+        conversation = await LiveMicrophone(config).run(edge_address, speaker)
         turn = [t for t in conversation.replies if t.ended and t.reply_text][-1]
         if expect == "miss" or turn.metrics.speculative_hit:
             break

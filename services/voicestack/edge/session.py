@@ -41,13 +41,14 @@ from voicestack.edge.recognition import Recognition, Utterance
 from voicestack.edge.routing import Route, choose_route, tool_words
 from voicestack.edge.speech import SpeechHandle, SpeechScheduler
 from voicestack.edge.tool_calls import ClientToolCalls
-from voicestack.edge.turn_taking import TurnTaking, same_words
+from voicestack.edge.turn_taking import TurnTaking, is_backchannel, same_words
 from voicestack.errors import ServiceError, StageError
 from voicestack.v1 import edge_pb2, llm_pb2
 
 log = logging.getLogger(__name__)
 
 MAX_HISTORY_MESSAGES = 120  # after the system prompt (the LLM stage takes 200)
+OVER_AGENT_INTERIM_MS = 300  # STT interims while the caller speaks over the agent (see _start_user_turn)
 INBOX_HIGH = 200  # events: a client sending faster than the session keeps up waits here
 SYSTEM, USER, ASSISTANT = llm_pb2.CHAT_ROLE_SYSTEM, llm_pb2.CHAT_ROLE_USER, llm_pb2.CHAT_ROLE_ASSISTANT
 
@@ -59,6 +60,10 @@ class UserTurn:
     utterance: Utterance
     record: TurnRecord
     over_agent: bool = False  # began while the agent spoke: interrupts once long enough
+    heard_over_agent: str = ""  # its latest interim transcript, while it is over the agent
+    # Over the agent, long enough, but no more than a backchannel so far: the final
+    # transcript decides (a backchannel is dropped, anything else interrupts then).
+    backchannel_pending: bool = False
     continuation: bool = False  # a later part of a monologue: never a cough
     answer: bool = True  # False for a monologue's parts: heard now, answered at the end
     decided_at: float = 0.0
@@ -95,6 +100,8 @@ class Session:
         self.llm_route_hint = config.llm_route
         notes = {edge_pb2.VOICE_NOTES_ON: True, edge_pb2.VOICE_NOTES_OFF: False}
         self.voice_notes = notes.get(config.voice_notes, settings.voice_notes)
+        self.reply_languages = {code.strip() for code in settings.reply_languages.split(",") if code.strip()}
+        self.language = "en"  # of the replies: follows the caller's (see _reply_language)
         self.tool_vocabulary = tool_words(tools.definitions()) if tools is not None else set()
         self.history: list[llm_pb2.ChatMessage] = [_message(SYSTEM, config.system_prompt or settings.system_prompt)]
         self.inbox: asyncio.Queue = asyncio.Queue()
@@ -120,7 +127,7 @@ class Session:
         self.ended_turns: set[int] = set()
         self.turn_count = 0
         self.monologue: list[str] = []  # parts of a long utterance, not yet answered
-        self.speculative_hits = self.speculative_misses = self.interruptions = 0
+        self.speculative_hits = self.speculative_misses = self.interruptions = self.backchannels = 0
         self.input_ended = self.recognition_ended = False
         self._group: asyncio.TaskGroup | None = None
         self._runner: asyncio.Task | None = None
@@ -230,6 +237,9 @@ class Session:
             if turn is not None and not turn.over_agent:  # speech under the agent stays private until it interrupts
                 self.output.send(transcript=edge_pb2.Transcript(turn_index=turn.index, text=event.text,
                                                                 is_final=event.is_final))
+            elif turn is not None and turn is self.user:  # its words may be what makes it an interruption
+                turn.heard_over_agent = event.text
+                self._maybe_barge_in(turn)
         elif isinstance(event, Transcribed):
             await self._on_transcribed(event)
         elif isinstance(event, ReplyDone):
@@ -292,14 +302,17 @@ class Session:
         self.observer.stt_started(record)
         self.output.send(speech_started=edge_pb2.SpeechStarted(turn_index=index, offset_ms=speech_ms))
         self._drop_unheard_replies()  # the user was not done: a reply not yet heard is stale
+        over_agent = self.speech.speaking is not None and not continuation
+        # Over the agent, with backchannels ignored, the first words decide: hear them sooner.
+        interim_ms = OVER_AGENT_INTERIM_MS if over_agent and self.turn_taking.ignore_backchannels else 0
         try:
-            utterance = await self.recognition.start_utterance(index, speech_ms, span=record.stt_span)
+            utterance = await self.recognition.start_utterance(index, speech_ms, span=record.stt_span,
+                                                               interim_ms=interim_ms)
         except StageError as error:
             self._end_turn(index, record, error=error)
             return
         # A cough must not cut the agent off: speech over it interrupts once long enough.
-        self.user = UserTurn(utterance, record, over_agent=self.speech.speaking is not None and not continuation,
-                             continuation=continuation)
+        self.user = UserTurn(utterance, record, over_agent=over_agent, continuation=continuation)
         if self.user.over_agent:
             self._maybe_barge_in(self.user)
 
@@ -307,11 +320,14 @@ class Session:
         u, self.user = self.user, None
         if u.over_agent:
             if speech_end_ms - u.utterance.speech_ms < self.turn_taking.barge_in_min_speech_ms:
-                await self.recognition.drop_utterance(u.utterance)  # a cough, an "mm-hm": the agent goes on
+                await self.recognition.drop_utterance(u.utterance)  # a cough, a click: the agent goes on
                 self._cancel_speculation(u)
                 self._end_turn(u.index, u.record, dropped=True)
                 return
-            u.over_agent = False  # a real turn that could not interrupt: answered after the agent
+            if self.turn_taking.ignore_backchannels and self.speech.speaking is not None:
+                u.backchannel_pending = True  # "mm-hm" or more? The final transcript says.
+            else:
+                u.over_agent = False  # a real turn that could not interrupt: answered after the agent
         decided = time.monotonic()
         u.utterance.speech_end_ms = speech_end_ms
         # (now, while the ring buffer surely holds the speech)
@@ -338,9 +354,34 @@ class Session:
             return
         del self.finishing[turn.index]
         self.observer.stt_ended(turn.record, (turn.utterance.sent_ms - turn.utterance.start_ms) / 1000)
+        if turn.backchannel_pending and self._heard_backchannel(turn, event.text):
+            return
         self.observer.stt_finalized(turn.record, turn.decided_at, event.text)
         self._how_it_was_said(turn, event.text)
         self._answer(turn, event.text)
+
+    def _heard_backchannel(self, turn: UserTurn, text: str) -> bool:
+        """Speech over the agent has its final transcript: a backchannel ends unanswered and
+        the agent goes on; anything else interrupts now (if it still can) and is answered."""
+        turn.backchannel_pending = turn.over_agent = False
+        if is_backchannel(text):
+            self.backchannels += 1
+            self._cancel_speculation(turn)
+            self._end_turn(turn.index, turn.record, dropped=True)
+            return True
+        self.output.send(transcript=edge_pb2.Transcript(turn_index=turn.index, text=text, is_final=True))
+        reply = self.speech.speaking
+        if reply is not None and self.turn_taking.interruptible and reply.interruptible_now():
+            self._barge_in(turn, reply)
+        return False
+
+    def _reply_language(self, turn: UserTurn) -> str:
+        """The caller's language when the STT is sure of it (English where the agent does
+        not speak it); a turn it is unsure of (a short "okay") keeps the call's language."""
+        u = turn.utterance
+        if u.language and u.language_probability >= self.settings.language_min_probability:
+            self.language = u.language if u.language in self.reply_languages else "en"
+        return self.language
 
     def _on_transcribed_error(self, turn: UserTurn, error: StageError) -> None:
         self.finishing.pop(turn.index, None)
@@ -355,7 +396,9 @@ class Session:
             self._end_turn(turn.index, turn.record)
             return
         spec = turn.speculation
-        hit = (spec is not None and spec.user_text and same_words(spec.user_text, text) and not spec.done())
+        language = self._reply_language(turn)
+        hit = (spec is not None and spec.user_text and same_words(spec.user_text, text) and not spec.done()
+               and spec.language == language)
         if spec is not None and not hit:
             self._speculation_missed(turn)
         if self.monologue:  # the last part of a long utterance: answer all of it
@@ -378,7 +421,7 @@ class Session:
             handle = spec
             turn.speculation = None
         else:
-            handle = SpeechHandle(turn.index, user_text=text, turn=turn.record)
+            handle = SpeechHandle(turn.index, user_text=text, turn=turn.record, language=language)
         self._add_history(_message(USER, heard))
         self.speech.release(handle)
         if handle.task is None:
@@ -433,7 +476,7 @@ class Session:
             self._keep_reply(handle, text)
         m = handle.turn.metrics
         m.speculative_hits, m.speculative_misses = self.speculative_hits, self.speculative_misses
-        m.interruptions = self.interruptions
+        m.interruptions, m.backchannels = self.interruptions, self.backchannels
         trace = self.observer.answered(handle.turn, handle.audio_sent_ms)
         self.output.send(turn_metrics=m)
         self.output.send(turn_trace=trace)
@@ -498,7 +541,7 @@ class Session:
         if (not self.turn_taking.speculation or u.speculation is not None or u.over_agent
                 or self.speech.speaking is not None):
             return
-        u.speculation = SpeechHandle(u.index, turn=self.observer.speculation(u.record))
+        u.speculation = SpeechHandle(u.index, turn=self.observer.speculation(u.record), language=self.language)
         # All the audio so far, pause included: the final decode sees the same plus silence.
         self._start_reply(u.speculation, transcribe_from_ms=u.utterance.start_ms)
 
@@ -520,9 +563,13 @@ class Session:
         if reply is None:
             u.over_agent = False  # the agent finished meanwhile: an ordinary turn
             return
-        long_enough = self.recognition.audio_ms - u.utterance.speech_ms >= self.turn_taking.barge_in_min_speech_ms
-        if long_enough and self.turn_taking.interruptible and reply.interruptible_now():
-            self._barge_in(u, reply)
+        tt = self.turn_taking
+        spoken_ms = self.recognition.audio_ms - u.utterance.speech_ms
+        if spoken_ms < tt.barge_in_min_speech_ms or not tt.interruptible or not reply.interruptible_now():
+            return
+        if tt.ignore_backchannels and spoken_ms < tt.backchannel_max_ms and is_backchannel(u.heard_over_agent):
+            return  # nothing but "mm-hm" heard so far: wait for its words
+        self._barge_in(u, reply)
 
     def _barge_in(self, u: UserTurn, reply: SpeechHandle) -> None:
         played = reply.played_ms()

@@ -40,6 +40,7 @@ class SpeechHandle:
 
     turn_index: int
     user_text: str = ""
+    language: str = "en"  # the reply's: the LLM is asked to answer in it, the TTS speaks it
     fixed: list = field(default_factory=list)
     turn: object = None  # the observer's record of the turn (spans, metrics)
     text: str = ""  # all the text generated so far

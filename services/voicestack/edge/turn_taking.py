@@ -4,6 +4,7 @@ final one."""
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 
 from voicestack.edge.recognition import STT_MAX_UTTERANCE_MS
@@ -25,6 +26,8 @@ class TurnTaking:
     speculative_pause_ms: int = 250
     interruptible: bool = True
     barge_in_min_speech_ms: int = 400
+    ignore_backchannels: bool = Settings.ignore_backchannels
+    backchannel_max_ms: int = Settings.backchannel_max_ms
     # "silence": the turn ends after silence_ms; "model": the end-of-turn model decides at
     # each pause of turn_pause_ms, and the turn ends after max_wait_ms of silence at most.
     mode: str = Settings.endpointing_mode
@@ -49,6 +52,9 @@ class TurnTaking:
             speculative_pause_ms=e.speculative_pause_ms or cls.speculative_pause_ms,
             interruptible=not i.disabled,
             barge_in_min_speech_ms=i.min_speech_ms or settings.barge_in_min_speech_ms,
+            ignore_backchannels={edge_pb2.BACKCHANNELS_IGNORE: True, edge_pb2.BACKCHANNELS_INTERRUPT: False}.get(
+                i.backchannels, settings.ignore_backchannels),
+            backchannel_max_ms=i.backchannel_max_ms or settings.backchannel_max_ms,
         )
 
     @property
@@ -69,6 +75,24 @@ class TurnTaking:
     def split_ms(self) -> int:
         """A monologue is cut at this length, always under what the STT takes."""
         return min(self.max_utterance_ms, STT_MAX_UTTERANCE_MS - 1000)
+
+
+# What a listener says to show they follow, not to take the turn, as Whisper writes it
+# ("Mm-hmm.", "M-HUM.", "Uh-huh.", "Yeah, yeah.", "You're right."), repeated or combined,
+# with the filler Whisper often puts first ("and", "well") or hears in a breath ("you").
+# HUM is every hum-like word (mm, hmm, mhm, uh, huh, um, and Whisper's "mem home" for a
+# long one). Anything else is a turn.
+HUM = r"(?:[mh]+[aeiou]?)+m*s?|u+h*|a+h+|o+h+"
+BACKCHANNEL_WORDS = (
+    "yeah|yea|yep|yup|yes|ya|right|okay|ok|sure|i see|got it|i got it|alright|all right|cool|nice|wow|"
+    "exactly|totally|true|go on|indeed|thanks|thank you|you re right|that s right|that s true|makes sense|"
+    "fair enough|of course|sounds good|good|great|fine|perfect|i know|and|well|so|oh|huh|you")
+BACKCHANNEL = re.compile(rf"(?:\b(?:{HUM}|{BACKCHANNEL_WORDS})\b ?)+")
+
+
+def is_backchannel(text: str) -> bool:
+    """Whether a transcript of speech over the agent is only a backchannel (or nothing)."""
+    return BACKCHANNEL.fullmatch(normalized(text)) is not None or not normalized(text)
 
 
 def normalized(text: str) -> str:

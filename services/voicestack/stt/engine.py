@@ -62,26 +62,31 @@ class WhisperEngine:
     ):
         from faster_whisper import WhisperModel  # imported here so the package imports without the models extra
 
-        # None means the embedded model; otherwise a CTranslate2 directory or a size name.
-        path = str(models.whisper_tiny_en()) if model is None else model
+        # None means the embedded tiny.en; models.whisper() says what else a name may be.
         self._model = WhisperModel(
-            path, device=device, compute_type=compute_type, cpu_threads=threads, num_workers=workers
+            models.whisper(model or ""), device=device, compute_type=compute_type, cpu_threads=threads,
+            num_workers=workers,
         )
+        # An English-only model is told so; a multilingual one detects the language per utterance.
+        self.languages: frozenset[str] = frozenset(self._model.supported_languages)
 
     def transcribe(self, audio: np.ndarray) -> str:
         """float32 mono 16 kHz samples in [-1, 1]; returns the text, stripped."""
         return self.transcribe_heard(audio).text
 
-    def transcribe_heard(self, audio: np.ndarray) -> Heard:
-        """The text, and the language the model heard with its probability."""
+    def transcribe_heard(self, audio: np.ndarray, language: str = "") -> Heard:
+        """The text, and the language the model heard with its probability. `language`
+        ("" = detect it, if the model knows more than English) is a code in `languages`."""
         audio = np.asarray(audio, dtype=np.float32)
         if audio.ndim != 1:
             raise ValueError(f"expected mono 1-D audio, got shape {audio.shape}")
         if len(audio) < self.sample_rate // 10:  # too short to hold a word; Whisper would invent one
-            return Heard("", "en", 1.0)
+            return Heard("", language or "en", 1.0)
+        if not language and len(self.languages) == 1:
+            language = next(iter(self.languages))
         segments, info = self._model.transcribe(
             audio,
-            language="en",
+            language=language or None,
             beam_size=1,
             temperature=0.0,
             without_timestamps=True,
@@ -115,6 +120,7 @@ class FixedStt:
     as the same sentence. It measures the edge and the bus, never whether speech is understood."""
 
     sample_rate = 16000
+    languages = frozenset({"en"})
 
     def __init__(self, text: str = TRANSCRIPT):
         self.text = text
@@ -122,7 +128,7 @@ class FixedStt:
     def transcribe(self, audio: np.ndarray) -> str:
         return self.transcribe_heard(audio).text
 
-    def transcribe_heard(self, audio: np.ndarray) -> Heard:
+    def transcribe_heard(self, audio: np.ndarray, language: str = "") -> Heard:
         audio = np.asarray(audio, dtype=np.float32)
         if audio.ndim != 1:
             raise ValueError(f"expected mono 1-D audio, got shape {audio.shape}")
@@ -146,8 +152,8 @@ class DecodeSchedule:
     INTERIM_EVERY_SECONDS of new audio for interim results. Byte counts only, no clock:
     load/baseline.py replays the same schedule on the audio's clock."""
 
-    def __init__(self, pause_decode: bool, interim: bool):
-        self.pause_decode, self.interim = pause_decode, interim
+    def __init__(self, pause_decode: bool, interim: bool, interim_seconds: float = INTERIM_EVERY_SECONDS):
+        self.pause_decode, self.interim, self.interim_seconds = pause_decode, interim, interim_seconds
         self.length = 0  # bytes of audio so far
         self.speech_end = 0  # bytes: just past the last chunk that sounded like speech
         self.loudest = 0.0
@@ -162,7 +168,7 @@ class DecodeSchedule:
     def due(self, decoded: int) -> bool:
         """Start a decode now? (The last one covered `decoded` bytes and is done.)"""
         paused = self.pause_decode and self.speech_end > decoded and self.length - self.speech_end >= PAUSE_BYTES
-        interim = self.interim and self.length - decoded >= INTERIM_EVERY_SECONDS * PIPELINE_RATE * 2
+        interim = self.interim and self.length - decoded >= self.interim_seconds * PIPELINE_RATE * 2
         return paused or interim
 
     def final(self, covers: int) -> bool:

@@ -14,11 +14,12 @@ from voicestack.config import Settings
 from voicestack.errors import invalid
 from voicestack.stage import Stage, first_message
 from voicestack.stt import CONTRACT
-from voicestack.stt.engine import DecodeSchedule, Heard, build_engine
+from voicestack.stt.engine import INTERIM_EVERY_SECONDS, DecodeSchedule, Heard, build_engine
 from voicestack.v1 import stt_pb2, stt_pb2_grpc
 
 MAX_CHUNK_BYTES = PIPELINE_RATE * 2  # one second
 MAX_UTTERANCE_SECONDS = 60.0
+MIN_INTERIM_MS = 100  # shorter would only queue decodes behind each other
 
 
 @dataclass
@@ -43,19 +44,27 @@ class SttStage(Stage):
     def add_to_grpc(self, server) -> None:
         stt_pb2_grpc.add_SttServiceServicer_to_server(SttServicer(self), server)
 
-    async def _decode(self, pcm: bytes) -> tuple[Heard, float]:
+    async def _decode(self, pcm: bytes, language: str) -> tuple[Heard, float]:
         started = time.perf_counter()
-        heard = await asyncio.to_thread(self.engine.transcribe_heard, pcm16_to_float(pcm))
+        heard = await asyncio.to_thread(self.engine.transcribe_heard, pcm16_to_float(pcm), language)
         return heard, time.perf_counter() - started
 
     async def stream(self, requests, context):
         config = await first_message(requests, "config", "an SttConfig")
         if config.sample_rate_hz not in (0, PIPELINE_RATE):
             raise invalid(f"STT takes {PIPELINE_RATE} Hz audio, not {config.sample_rate_hz}; resample first")
-        if config.language not in ("", "en") and not config.language.startswith("en-"):
-            raise invalid(f"language {config.language!r} is not served: the model is English only")
+        language = config.language.split("-")[0].lower()  # BCP-47 "fr-CA": Whisper knows "fr"
+        if language and language not in self.engine.languages:
+            served = "English only" if self.engine.languages == {"en"} else f"one of {', '.join(sorted(self.engine.languages))}"
+            raise invalid(f"language {config.language!r} is not served: the model is {served} "
+                          "(stt_model=base is multilingual)")
         audio = bytearray()
-        schedule = DecodeSchedule(self.settings.stt_pause_decode, config.interim_results)
+        if not 0 <= config.interim_interval_ms <= 10000:
+            raise invalid(f"interim_interval_ms {config.interim_interval_ms}: 0 (the default) or up to 10000")
+        if config.interim_interval_ms and config.interim_interval_ms < MIN_INTERIM_MS:
+            raise invalid(f"interim_interval_ms {config.interim_interval_ms}: at least {MIN_INTERIM_MS}")
+        schedule = DecodeSchedule(self.settings.stt_pause_decode, config.interim_results,
+                                  config.interim_interval_ms / 1000 or INTERIM_EVERY_SECONDS)
         decode: _Decode | None = None  # the decode in flight, or the last one done
         last_interim = ""
         try:
@@ -77,13 +86,13 @@ class SttStage(Stage):
                         yield stt_pb2.TranscribeResponse(text=heard.text, audio_seconds=decode.covers / 2 / PIPELINE_RATE,
                                                          compute_seconds=seconds)
                 if (decode is None or decode.task.done()) and schedule.due(decode.covers if decode else 0):
-                    decode = _Decode(asyncio.create_task(self._decode(bytes(audio))), len(audio))
+                    decode = _Decode(asyncio.create_task(self._decode(bytes(audio), language)), len(audio))
             if decode is not None and schedule.final(decode.covers):
                 # Nothing but quiet since that decode began: its transcript is the final one.
                 heard, seconds = await decode.task
                 decode = None
             else:
-                heard, seconds = await self._decode(bytes(audio))
+                heard, seconds = await self._decode(bytes(audio), language)
         finally:
             if decode is not None and not decode.task.done():
                 decode.task.cancel()  # (its thread finishes in the background)

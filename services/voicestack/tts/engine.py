@@ -1,8 +1,9 @@
 """Kokoro-82M text-to-speech engine (int8 ONNX, onnxruntime).
 
 The embedded default voice: everything comes from PyPI and runs offline on CPU.
-English text goes through espeak-ng (en-us IPA with stress and punctuation),
-the phonemes become Kokoro token ids, and the model turns them into 24 kHz audio.
+Text goes through espeak-ng (IPA with stress and punctuation, in the text's language:
+English unless told), the phonemes become Kokoro token ids, and the model turns them
+into 24 kHz audio with a voice's style vectors.
 
 The interface is deliberately narrow (sample_rate, voices(), default_voice,
 synthesize()) so that a GPU engine can replace this one without the server
@@ -38,6 +39,12 @@ SECONDS_PER_CHAR = 0.065  # SilentTts: about how fast Kokoro speaks English text
 # espeak-ng output, rewritten for symbols Kokoro's vocab lacks (as Kokoro's own
 # espeak front end does); anything else unknown is dropped.
 _SUBSTITUTIONS = (("ʲ", "j"), ("r", "ɹ"), ("x", "k"), ("ɬ", "l"))
+_ENGLISH_ONLY = (("r", "ɹ"),)  # English r is ɹ; French, Spanish... keep their r
+# The languages spoken: espeak-ng's name for it and, where Kokoro ships one (kokoro_voices_dir),
+# the voice native to it. Kokoro has no German voice: of eight tried, the Italian if_sara
+# reads German phonemes best (Whisper base heard it as German, nearly word for word).
+LANGUAGES = {"en": ("en-us", ""), "fr": ("fr-fr", "ff_siwis"), "es": ("es", "ef_dora"), "it": ("it", "if_sara"),
+             "pt": ("pt-br", "pf_dora"), "hi": ("hi", "hf_alpha"), "de": ("de", "if_sara")}
 
 
 def split_clauses(text: str, final: bool = False, clauses: bool = True) -> tuple[list[str], str]:
@@ -59,8 +66,8 @@ def split_clauses(text: str, final: bool = False, clauses: bool = True) -> tuple
     return ready, text
 
 
-def _load_phonemizer():
-    """espeak-ng en-us via phonemizer, using the library espeakng-loader ships.
+def _load_phonemizer(espeak_language: str = "en-us"):
+    """espeak-ng via phonemizer, using the library espeakng-loader ships.
 
     Pointing phonemizer at espeakng-loader's copy (library and data) means the
     result does not depend on which espeak-ng the host happens to have.
@@ -75,7 +82,7 @@ def _load_phonemizer():
         ) from exc
     EspeakWrapper.set_library(espeakng_loader.get_library_path())
     EspeakWrapper.set_data_path(espeakng_loader.get_data_path())
-    return EspeakBackend("en-us", preserve_punctuation=True, with_stress=True, language_switch="remove-flags")
+    return EspeakBackend(espeak_language, preserve_punctuation=True, with_stress=True, language_switch="remove-flags")
 
 
 def _session(device: str, threads: int):
@@ -131,28 +138,45 @@ class KokoroEngine:
         self._session = _session(device, threads)
         data = models.kokoro_data()
         self._vocab: dict[str, int] = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
+        # (510, 1, 256): one style vector per utterance length in tokens
+        voices_dir = models.kokoro_voices_dir()
+        self._voices = {path.stem: np.fromfile(path, "<f4").reshape(-1, 256)
+                        for path in sorted(voices_dir.glob("*.bin"))} if voices_dir.is_dir() else {}
         with np.load(data / "voices_ja.npz") as npz:
-            # (510, 1, 256): one style vector per utterance length in tokens
-            self._voices = {name: npz[name].reshape(-1, 256).astype(np.float32) for name in npz.files}
-        self._phonemizer = _load_phonemizer()
+            self._voices.update({name: npz[name].reshape(-1, 256).astype(np.float32) for name in npz.files})
+        self._phonemizers = {"en": _load_phonemizer()}
         # espeak-ng is one C library with global state: one caller at a time.
         self._phonemizer_lock = threading.Lock()
 
     def voices(self) -> list[str]:
         return sorted(self._voices)
 
-    def phonemize(self, text: str) -> str:
+    def languages(self) -> list[str]:
+        return sorted(LANGUAGES)
+
+    def voice_for(self, language: str) -> str:
+        """The voice native to `language` if it is here, else the default voice."""
+        native = LANGUAGES.get(language, ("", ""))[1]
+        return native if native in self._voices else self.default_voice
+
+    def phonemize(self, text: str, language: str = "en") -> str:
+        if language not in LANGUAGES:
+            raise ValueError(f"language {language!r} is not spoken; one of {', '.join(self.languages())}")
         with self._phonemizer_lock:
-            phonemes = self._phonemizer.phonemize([text], strip=True)[0]
+            if language not in self._phonemizers:
+                self._phonemizers[language] = _load_phonemizer(LANGUAGES[language][0])
+            phonemes = self._phonemizers[language].phonemize([text], strip=True)[0]
         for old, new in _SUBSTITUTIONS:
-            phonemes = phonemes.replace(old, new)
+            if language == "en" or (old, new) not in _ENGLISH_ONLY:
+                phonemes = phonemes.replace(old, new)
         return phonemes
 
     def _tokens(self, phonemes: str) -> list[int]:
         return [self._vocab[p] for p in phonemes if p in self._vocab]
 
-    def synthesize(self, text: str, voice: str = "", speed: float = 1.0) -> np.ndarray:
-        """int16 mono PCM at sample_rate; empty for text with nothing to say."""
+    def synthesize(self, text: str, voice: str = "", speed: float = 1.0, language: str = "en") -> np.ndarray:
+        """int16 mono PCM at sample_rate; empty for text with nothing to say. `language`
+        (one of LANGUAGES) is the text's: it picks the phonemes, not the voice."""
         voice = voice or self.default_voice
         if voice not in self._voices:
             raise ValueError(f"unknown voice {voice!r}; available: {', '.join(self.voices())}")
@@ -162,7 +186,7 @@ class KokoroEngine:
             return np.zeros(0, np.int16)
         styles = self._voices[voice]
         audio = []
-        for tokens in _chunks(self._tokens, self.phonemize(text)):
+        for tokens in _chunks(self._tokens, self.phonemize(text, language)):
             # the voice pack holds a style per length: pick the one for this chunk
             style = styles[min(len(tokens), len(styles)) - 1].reshape(1, 256)
             out = self._session.run(None, {
@@ -186,7 +210,15 @@ class SilentTts:
     def voices(self) -> list[str]:
         return [self.default_voice]
 
-    def synthesize(self, text: str, voice: str = "", speed: float = 1.0) -> np.ndarray:
+    def languages(self) -> list[str]:
+        return sorted(LANGUAGES)
+
+    def voice_for(self, language: str) -> str:
+        return self.default_voice
+
+    def synthesize(self, text: str, voice: str = "", speed: float = 1.0, language: str = "en") -> np.ndarray:
+        if language not in LANGUAGES:
+            raise ValueError(f"language {language!r} is not spoken; one of {', '.join(self.languages())}")
         voice = voice or self.default_voice
         if voice not in self.voices():
             raise ValueError(f"unknown voice {voice!r}; available: {', '.join(self.voices())}")

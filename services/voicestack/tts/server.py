@@ -48,9 +48,9 @@ class TtsStage(Stage):
 
         await nc.subscribe(TTS_VOICES_SUBJECT, queue="vs.tts", cb=list_voices)
 
-    async def _speak(self, clause: str, voice: str, speed: float, first: bool):
+    async def _speak(self, clause: str, voice: str, speed: float, language: str, first: bool):
         started = time.perf_counter()
-        pcm = (await asyncio.to_thread(self.engine.synthesize, clause, voice, speed)).tobytes()
+        pcm = (await asyncio.to_thread(self.engine.synthesize, clause, voice, speed, language)).tobytes()
         compute = time.perf_counter() - started
         trace.get_current_span().add_event(
             "first_audio" if first else "clause_audio",
@@ -69,7 +69,10 @@ class TtsStage(Stage):
 
     async def stream(self, requests, context):
         config = await first_message(requests, "config", "a TtsConfig")
-        voice = config.voice or self._default_voice()
+        language = config.language.split("-")[0].lower() or "en"
+        if language not in self.engine.languages():
+            raise invalid(f"language {config.language!r} is not spoken; one of {', '.join(self.engine.languages())}")
+        voice = config.voice or (self._default_voice() if language == "en" else self.engine.voice_for(language))
         if voice not in self.voices:
             raise invalid(f"unknown voice {voice!r}; available: {', '.join(sorted(self.voices))}")
         if config.speed and not 0.5 <= config.speed <= 2.0:
@@ -78,6 +81,7 @@ class TtsStage(Stage):
         span = trace.get_current_span()
         span.set_attribute("voicestack.model", "kokoro-82m-int8")
         span.set_attribute("voicestack.tts.voice", voice)
+        span.set_attribute("voicestack.tts.language", language)
         by_clause = self.settings.tts_split != "sentence"
         pending = ""
         spoken = 0
@@ -89,12 +93,12 @@ class TtsStage(Stage):
                 raise invalid(f"over {MAX_PENDING_CHARS} characters without a clause boundary")
             clauses, pending = split_clauses(pending, clauses=by_clause)
             for clause in clauses:
-                async for response in self._speak(clause, voice, speed, first=spoken == 0):
+                async for response in self._speak(clause, voice, speed, language, first=spoken == 0):
                     yield response
                 spoken += 1
         clauses, _ = split_clauses(pending, final=True, clauses=by_clause)
         for clause in clauses:
-            async for response in self._speak(clause, voice, speed, first=spoken == 0):
+            async for response in self._speak(clause, voice, speed, language, first=spoken == 0):
                 yield response
             spoken += 1
         span.set_attribute("voicestack.tts.clauses", spoken)
