@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -55,6 +57,25 @@ async def test_stt_interim_and_final(stack, speech_dir):
     assert abs(final.audio_seconds - audio.size / PIPELINE_RATE) < 0.05
 
 
+async def test_stt_interims_come_as_often_as_asked(stack, speech_dir):
+    audio = speak("The weather in Paris is lovely in the spring time", speech_dir, speed=130)
+
+    async def interims(interval_ms: int) -> int:
+        async def requests():
+            yield stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(interim_results=True,
+                                                                     interim_interval_ms=interval_ms))
+            for pcm in chunks(audio, 100):
+                yield stt_pb2.TranscribeRequest(audio=audio_pb2.AudioChunk(pcm=pcm))
+                await asyncio.sleep(0.1)  # a live microphone
+
+        async with channel(stack, "stt") as ch:
+            results = [r async for r in stt_pb2_grpc.SttServiceStub(ch).Transcribe(requests())]
+        return sum(not r.is_final for r in results)
+
+    often, rarely = await interims(100), await interims(10000)
+    assert often >= rarely + 2, (often, rarely)
+
+
 async def test_llm_streams_tokens(stack):
     request = llm_pb2.GenerateRequest(
         messages=[llm_pb2.ChatMessage(role=llm_pb2.CHAT_ROLE_USER, content="Say hello.")], max_tokens=20)
@@ -97,6 +118,8 @@ async def test_health_and_reflection_on_every_service(stack):
     ("stt", stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(sample_rate_hz=44100))),
     ("tts", tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(voice="nobody"))),
     ("tts", tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig(language="tlh"))),
+    ("stt", stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(interim_interval_ms=50))),
+    ("stt", stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(language="fr"))),
 ])
 async def test_stage_rejects_bad_input(stack, name, bad_first):
     stubs = {"vad": (vad_pb2_grpc.VadServiceStub, "Detect"), "stt": (stt_pb2_grpc.SttServiceStub, "Transcribe"),

@@ -221,16 +221,15 @@ class Recognition:
 
     # ------------------------------------------------------------ utterances
 
-    async def start_utterance(self, index: int, speech_ms: int, span=None, interim_ms: int = 0) -> Utterance:
+    async def start_utterance(self, index: int, speech_ms: int, span=None) -> Utterance:
         """An STT stream for speech that started at `speech_ms` (StageError if none opens);
-        the stage's spans join `span`'s trace; an interim transcript per `interim_ms` of
-        audio (0: the stage's default)."""
+        the stage's spans join `span`'s trace."""
         start = max(self.audio.base_ms, speech_ms - PRE_ROLL_MS)
         u = Utterance(index, start, speech_ms, self.audio.wall_time_at(speech_ms), sent_ms=start)
         with telemetry.in_span(span):
             u.stt = await self.stages.open(
                 stt.CONTRACT, stt_pb2.TranscribeRequest(config=stt_pb2.SttConfig(
-                    sample_rate_hz=PIPELINE_RATE, interim_results=True, interim_interval_ms=interim_ms)),
+                    sample_rate_hz=PIPELINE_RATE, interim_results=True)),
                 session_id=self.session_id)
         self.utterance = u
         await self._feed_stt(u)
