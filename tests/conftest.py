@@ -5,10 +5,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import urllib.request
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from voicestack.audio import PIPELINE_RATE, read_wav
 from voicestack.client import silence  # noqa: F401 (the tests take it from here)
@@ -61,3 +65,33 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="session")
 def edge_address(stack) -> str:
     return stack.processes["edge"].address
+
+
+class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2_grpc.MetricsServiceServicer):
+    """The OTLP/gRPC trace and metrics services, keeping every span it is sent."""
+
+    def __init__(self):
+        self.spans = []  # (service name, span)
+
+    def Export(self, request, context):
+        if isinstance(request, trace_service_pb2.ExportTraceServiceRequest):
+            for resource_spans in request.resource_spans:
+                service = next((a.value.string_value for a in resource_spans.resource.attributes
+                                if a.key == "service.name"), "")
+                for scope in resource_spans.scope_spans:
+                    self.spans.extend((service, span) for span in scope.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """An OTLP receiver on a free port: (the sink with its spans, the port)."""
+    sink = OtlpReceiver()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(sink, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield sink, port
+    server.stop(None)

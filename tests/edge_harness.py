@@ -8,6 +8,7 @@ import contextlib
 
 from fake_stages import FakeStages
 from voicestack.config import Settings
+from voicestack.edge.processing import ProcessorChain
 from voicestack.edge.server import wants_tools
 from voicestack.edge.session import Session
 from voicestack.edge.tools import ServerTools, SessionTools
@@ -31,7 +32,7 @@ def fast_settings(**overrides) -> Settings:
 
 class Call:
     def __init__(self, settings: Settings | None = None, config: edge_pb2.SessionConfig | None = None,
-                 server_tools=None):
+                 server_tools=None, processors=(), recording_store=None):
         self.settings = settings or fast_settings()
         self.config = config or edge_pb2.SessionConfig()
         self.stages = FakeStages()
@@ -39,13 +40,16 @@ class Call:
         self.status = None  # the call's failure, if it ended with one
         self.session: Session | None = None
         self.server_tools = server_tools  # an edge.tools.ServerTools (HTTP/MCP), if the test has one
+        self.processors = ProcessorChain(list(processors))
+        self.recording_store = recording_store
         self._reader: asyncio.Task | None = None
 
     async def __aenter__(self) -> "Call":
         tools = None
         if wants_tools(self.config):
             tools = SessionTools.from_config(self.config.tools, self.server_tools or await ServerTools.start(self.settings))
-        self.session = Session("fake-session", self.stages, self.config, self.settings, tools=tools)
+        self.session = Session("fake-session", self.stages, self.config, self.settings, tools=tools,
+                               processors=self.processors, recording_store=self.recording_store)
         await self.session.__aenter__()
         self._reader = asyncio.create_task(self._read())
         return self

@@ -59,6 +59,8 @@ PROMETHEUS_TRIGGER_KEYS = {
     "customHeaders", "ignoreNullValues", "unsafeSsl", "timeout", "authModes",
 }
 
+S3_ENDPOINT = "http://minio.storage.svc:9000"
+S3_EGRESS = '[{"to":[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"storage"}}}],"ports":[{"port":9000,"protocol":"TCP"}]}]'
 INGRESS_SELECTOR = '[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"ingress"}}}]'
 # name -> (helm arguments, stages that must hold a GPU, autoscaler kind or None)
 VARIANTS = {
@@ -95,7 +97,24 @@ VARIANTS = {
         "--set-json", 'stages.llmStrong.networkPolicy.extraEgress=[{"ports":[{"port":443,"protocol":"TCP"}]}]',
     ], {"stt", "llm", "tts"}, "pods-hpa"),
     "llm-strong-cpu": (["-f", "values-cpu-minimal.yaml", "--set", "stages.llmStrong.enabled=true"], set(), None),
+    # Call recording (stages.edge.recording, off by default) to an S3 store, and to a volume; the processors.
+    "recording-s3": ([
+        "--set", "stages.edge.recording.enabled=true", "--set", "stages.edge.recording.store=s3://calls",
+        "--set", f"stages.edge.recording.s3.endpoint={S3_ENDPOINT}", "--set", "stages.edge.recording.s3.secretName=recording-s3",
+        "--set", "stages.edge.recording.s3.region=eu-west-1", "--set-json", "stages.edge.recording.retentionDays=7.5",
+        "--set", "stages.edge.recording.auditLog.claimName=voicestack-audit",
+        "--set", "stages.edge.recording.consentText=May we record this call?",
+        "--set-json", f"stages.edge.recording.networkPolicy.extraEgress={S3_EGRESS}",
+        "--set-json", 'stages.edge.processors="pii,content_filter"', "--set", "stages.edge.piiRedactLlm=true",
+        "--set-json", 'stages.edge.contentFilter={"words":["darn","heck*"],"text":"Let us keep it polite."}',
+    ], {"stt", "llm", "tts"}, "cpu-hpa"),
+    "recording-volume": ([
+        "-f", "values-cpu-minimal.yaml", "--set", "stages.edge.recording.enabled=true",
+        "--set", "stages.edge.recording.store=file:///var/lib/voicestack/recordings",
+        "--set", "stages.edge.recording.volume.claimName=voicestack-recordings",
+    ], set(), None),
 }
+RECORDING_VARIANTS = [v for v in VARIANTS if v.startswith("recording")]
 STRONG_VARIANTS = [v for v in VARIANTS if v.startswith("llm-strong")]
 FILE_VARIANTS = ["default", "gpu", "keda", "cpu-minimal"]
 
@@ -161,6 +180,10 @@ def service_of(stage: str) -> str:
 
 def pod_spec(deployment: dict) -> dict:
     return deployment["spec"]["template"]["spec"]
+
+
+def cronjob_pod_spec(cronjob: dict) -> dict:
+    return cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
 
 
 def stage_container(stage: str, deployment: dict) -> dict:
@@ -256,6 +279,7 @@ def test_gpu_stages_request_gpus(docs, variant):
 def all_pod_specs(docs) -> list[tuple[str, dict]]:
     specs = [(d["metadata"]["name"], pod_spec(d)) for d in of_kind(docs, "Deployment")]
     specs += [(p["metadata"]["name"], p["spec"]) for p in of_kind(docs, "Pod")]
+    specs += [(c["metadata"]["name"], cronjob_pod_spec(c)) for c in of_kind(docs, "CronJob")]
     return specs
 
 
@@ -483,6 +507,8 @@ def test_network_policies_expose_only_the_edge(docs, variant):
         external = env_of(stage_container(stage, deployment)).get("VOICESTACK_LLM_URL", {}).get("value", "")
         if service_of(stage) == "llm" and (has_vllm or external.startswith("https://")):
             allowed |= {443}  # vLLM's model download, or the external LLM endpoint
+        if stage == "edge" and variant == "recording-s3":
+            allowed |= {9000}  # the recording store (stages.edge.recording.networkPolicy.extraEgress)
         assert egress_ports <= allowed, f"{stage} may reach {egress_ports - allowed}"
         assert {53, 4222} <= egress_ports, f"{stage} must reach DNS and NATS"
         if stage == "edge" and variant == "secured":
@@ -526,14 +552,28 @@ def test_notes_render(helm, tmp_path):
     (chart / "templates" / "notes-check.yaml").write_text(
         'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: |\n'
         '{{- include "notes.check" . | nindent 4 }}\n')
-    for extra in ([], ["--set", "stages.edge.service.type=LoadBalancer"]):
+    no_store_egress = [*VARIANTS["recording-s3"][0], "--set-json", "stages.edge.recording.networkPolicy.extraEgress=[]"]
+    cases = [  # extra arguments, LoadBalancer warning, recording section, store egress warning
+        ([], False, False, False),
+        (["--set", "stages.edge.service.type=LoadBalancer"], True, False, False),
+        (VARIANTS["recording-s3"][0], False, True, False),
+        (no_store_egress, False, True, True),
+    ]
+    for extra, lb_warning, recording, egress_warning in cases:
         out = subprocess.run([helm, "template", RELEASE, str(chart), "-n", NAMESPACE, "--show-only",
                               "templates/notes-check.yaml", *extra], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         text = yaml.safe_load(out.stdout)["data"]["notes"]
         assert f"helm test {RELEASE} -n {NAMESPACE} --logs" in text
         assert f"port-forward svc/{RELEASE}-voicestack-edge 50051:50051" in text
-        assert ("WARNING: the edge is exposed through a LoadBalancer without TLS" in text) == bool(extra)
+        assert ("WARNING: the edge is exposed through a LoadBalancer without TLS" in text) == lb_warning
+        assert ("Call recording is ON" in text) == recording
+        if recording:  # how operators run retention now, and answer access and erasure requests
+            assert f"create job --from=cronjob/{RELEASE}-voicestack-retention" in text
+            assert 'exec "$POD" -c edge -- voicestack export SESSION --to /tmp/export' in text
+            assert f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=edge" in text
+            assert f"exec deploy/{RELEASE}-voicestack-edge -c edge -- voicestack erase SESSION" in text
+        assert ("recording.networkPolicy.extraEgress is empty" in text) == egress_warning
 
 
 # ---------------------------------------------------------------- the LLM pools (llm, llm-strong)
@@ -626,6 +666,176 @@ def test_edge_routing_is_a_value(helm):
     edge = literal_env(stage_container("edge", deployments(docs)["edge"]))
     assert edge["VOICESTACK_LLM_ROUTING"] == "fast"
     assert load_settings("edge", environ=edge).llm_routing == "fast"
+
+
+# ---------------------------------------------------------------- processors and call recording (stages.edge)
+
+
+RECORDING_ENV = re.compile(r"^VOICESTACK_(RECORDING|CONSENT)")
+RETENTION = f"{RELEASE}-voicestack-retention"
+
+
+def edge_container(docs: list[dict]) -> dict:
+    return stage_container("edge", deployments(docs)["edge"])
+
+
+def retention_job(docs: list[dict]) -> dict:
+    jobs = of_kind(docs, "CronJob")
+    assert [j["metadata"]["name"] for j in jobs] == [RETENTION]
+    return jobs[0]
+
+
+def test_recording_is_off_unless_enabled(helm):
+    """Off by default and in every values file: no CronJob, no recording env, no recording volume."""
+    for variant in (v for v in VARIANTS if v not in RECORDING_VARIANTS):
+        docs = render(helm, variant)
+        assert not of_kind(docs, "CronJob"), variant
+        assert RETENTION not in json.dumps(docs), variant
+        edge = edge_container(docs)
+        assert not [n for n in env_of(edge) if RECORDING_ENV.match(n)], variant
+        assert not load_settings("edge", environ=literal_env(edge)).recording, variant
+        assert not any(m["mountPath"].startswith("/var/lib/voicestack") for m in edge["volumeMounts"]), variant
+        assert not any("persistentVolumeClaim" in v for v in pod_spec(deployments(docs)["edge"])["volumes"]), variant
+
+
+def store_env(container: dict) -> dict[str, dict]:
+    return {k: e for k, e in env_of(container).items() if k.startswith("VOICESTACK_RECORDING_")}
+
+
+def test_recording_to_s3(helm):
+    docs = render(helm, "recording-s3")
+    edge = edge_container(docs)
+    env = env_of(edge)
+    settings = load_settings("edge", environ=literal_env(edge))
+    assert settings.recording and settings.recording_store == "s3://calls"
+    assert settings.recording_s3_endpoint == S3_ENDPOINT and settings.recording_s3_region == "eu-west-1"
+    assert settings.recording_retention_days == 7.5
+    assert settings.consent_text == "May we record this call?"
+    # The credentials come from the Secret, never as values: nothing secret is in the manifests.
+    for name, key in (("VOICESTACK_RECORDING_S3_ACCESS_KEY", "access-key"), ("VOICESTACK_RECORDING_S3_SECRET_KEY", "secret-key")):
+        assert env[name] == {"name": name, "valueFrom": {"secretKeyRef": {"name": "recording-s3", "key": key}}}
+    assert not of_kind(docs, "Secret")
+    # The audit log is on its own PVC, mounted where the env points.
+    audit = settings.recording_audit_log
+    assert audit == "/var/lib/voicestack/audit/audit.jsonl"
+    mounts = {m["mountPath"]: m["name"] for m in edge["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(deployments(docs)["edge"])["volumes"]}
+    assert volumes[mounts[os.path.dirname(audit)]]["persistentVolumeClaim"] == {"claimName": "voicestack-audit"}
+
+    # The retention CronJob: the edge's image, store settings and secrets, and the audit volume.
+    job = retention_job(docs)
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "retention"
+    for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by", "helm.sh/chart"):
+        assert key in job["metadata"]["labels"]
+    assert job["spec"]["schedule"] == "17 3 * * *"
+    assert job["spec"]["concurrencyPolicy"] == "Forbid"
+    assert 1 <= job["spec"]["successfulJobsHistoryLimit"] <= 5 and 1 <= job["spec"]["failedJobsHistoryLimit"] <= 5
+    spec = cronjob_pod_spec(job)
+    assert spec["restartPolicy"] in ("Never", "OnFailure") and spec["automountServiceAccountToken"] is False
+    assert ("ServiceAccount", spec["serviceAccountName"]) in {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    [container] = spec["containers"]
+    assert container["args"] == ["retention"] and container["image"] == edge["image"]
+    assert container["securityContext"]["runAsUser"] == 10001
+    assert store_env(container) == store_env(edge)
+    job_settings = load_settings("edge", environ=literal_env(container))
+    assert job_settings.recording_store and job_settings.recording_audit_log == audit  # what the CLI requires
+    job_mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    job_volumes = {v["name"]: v for v in spec["volumes"]}
+    assert job_volumes[job_mounts[os.path.dirname(audit)]] == volumes[mounts[os.path.dirname(audit)]]
+    # Its pods are no edge: no edge Service, PDB or autoscaler selects them.
+    pod_labels = job["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    for service in of_kind(docs, "Service"):
+        assert not selects({"matchLabels": service["spec"]["selector"]}, pod_labels)
+    for pdb in of_kind(docs, "PodDisruptionBudget"):
+        assert not selects(pdb["spec"]["selector"], pod_labels)
+    # NetworkPolicies: the job takes nothing in, and reaches DNS and the store; the edges reach the store too.
+    store_rule = json.loads(S3_EGRESS)[0]
+    [policy] = [p for p in of_kind(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"], pod_labels)]
+    assert policy["spec"]["ingress"] == [] and set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert store_rule in policy["spec"]["egress"]
+    assert {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]} == {53, 9000}
+    edge_labels = deployments(docs)["edge"]["spec"]["template"]["metadata"]["labels"]
+    [edge_policy] = [p for p in of_kind(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"], edge_labels)]
+    assert store_rule in edge_policy["spec"]["egress"]
+
+
+def test_recording_to_a_volume(helm, tmp_path):
+    """A path store on the recording PVC, the audit log beside it; the job's env and args run the real CLI."""
+    docs = render(helm, "recording-volume")
+    edge = edge_container(docs)
+    settings = load_settings("edge", environ=literal_env(edge))
+    assert settings.recording and settings.recording_store == "file:///var/lib/voicestack/recordings"
+    assert settings.recording_audit_log == "/var/lib/voicestack/recordings/audit.jsonl"
+    assert "VOICESTACK_RECORDING_S3_ACCESS_KEY" not in env_of(edge)
+    job = retention_job(docs)
+    spec = cronjob_pod_spec(job)
+    [container] = spec["containers"]
+    for owner, pod, c in (("edge", pod_spec(deployments(docs)["edge"]), edge), ("retention", spec, container)):
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        claim = volumes[mounts["/var/lib/voicestack/recordings"]]["persistentVolumeClaim"]
+        assert claim == {"claimName": "voicestack-recordings"}, owner
+    # The file store: no NetworkPolicy egress beyond DNS.
+    pod_labels = job["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    [policy] = [p for p in of_kind(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"], pod_labels)]
+    assert {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]} == {53}
+    # `voicestack <args>` with the job's environment, the volume's paths moved into tmp_path.
+    env = {k: v.replace("/var/lib/voicestack", str(tmp_path)) for k, v in literal_env(container).items()}
+    (tmp_path / "recordings").mkdir()
+    out = subprocess.run([sys.executable, "-m", "voicestack.cli", *container["args"]], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, **env, "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "deleted 0 expired recording(s)" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "stages.edge.recording.enabled=true"],
+     "stages.edge.recording.enabled is true but stages.edge.recording.store is empty"),
+    (["--set", "stages.edge.recording.enabled=true", "--set", "stages.edge.recording.store=s3://calls",
+      "--set", "stages.edge.recording.s3.secretName=recording-s3", "--set", "stages.edge.recording.auditLog.claimName=a"],
+     "stages.edge.recording.store is s3://... but stages.edge.recording.s3.endpoint or stages.edge.recording.s3.secretName is empty"),
+    (["--set", "stages.edge.recording.enabled=true", "--set", "stages.edge.recording.store=s3://calls",
+      "--set", f"stages.edge.recording.s3.endpoint={S3_ENDPOINT}", "--set", "stages.edge.recording.auditLog.claimName=a"],
+     "stages.edge.recording.store is s3://... but stages.edge.recording.s3.endpoint or stages.edge.recording.s3.secretName is empty"),
+    (["--set", "stages.edge.recording.enabled=true", "--set", "stages.edge.recording.store=/var/lib/voicestack/recordings"],
+     "stages.edge.recording.store \"/var/lib/voicestack/recordings\" is a path: set stages.edge.recording.volume.claimName"),
+    (["--set", "stages.edge.recording.enabled=true", "--set", "stages.edge.recording.store=/data/calls",
+      "--set", "stages.edge.recording.volume.claimName=r"],
+     "a volume store must be on the recording volume, /var/lib/voicestack/recordings"),
+    (["--set", "stages.edge.recording.enabled=true", "--set", "stages.edge.recording.store=s3://calls",
+      "--set", f"stages.edge.recording.s3.endpoint={S3_ENDPOINT}", "--set", "stages.edge.recording.s3.secretName=s"],
+     "the audit log has no durable volume: set stages.edge.recording.auditLog.claimName"),
+])
+def test_template_rejects_a_recording_the_edge_would_refuse(helm, args, message):
+    error = helm_error(helm, *args)
+    assert message in error, error
+
+
+def test_schema_keeps_store_credentials_out_of_values(helm):
+    error = helm_error(helm, "--set", "stages.edge.recording.s3.secretKey=hunter2")
+    assert "at '/stages/edge/recording/s3': additional properties 'secretKey' not allowed" in error, error
+    error = helm_error(helm, "--set", "stages.edge.recording.store=s3://calls/prefix")
+    assert "at '/stages/edge/recording/store'" in error, error
+
+
+def test_processors_are_values(helm):
+    docs = render(helm, "recording-s3")
+    edge = edge_container(docs)
+    settings = load_settings("edge", environ=literal_env(edge))
+    assert settings.processors == "pii,content_filter" and settings.pii_redact_llm is True
+    assert settings.content_filter_text == "Let us keep it polite."
+    # The extra words: a ConfigMap mounted where the env points; a change restarts the edges.
+    mounts = {m["mountPath"]: m["name"] for m in edge["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(deployments(docs)["edge"])["volumes"]}
+    directory, filename = os.path.split(settings.content_filter_words_file)
+    config_map = volumes[mounts[directory]]["configMap"]["name"]
+    [data] = [c["data"] for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == config_map]
+    assert data[filename].split() == ["darn", "heck*"]
+    assert "checksum/content-filter" in deployments(docs)["edge"]["spec"]["template"]["metadata"]["annotations"]
+    # None of it by default.
+    default = literal_env(edge_container(render(helm, "default")))
+    assert not {"VOICESTACK_PROCESSORS", "VOICESTACK_PII_REDACT_LLM", "VOICESTACK_CONTENT_FILTER_WORDS_FILE"} & set(default)
 
 
 # ---------------------------------------------------------------- values and their schema

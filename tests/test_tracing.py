@@ -4,48 +4,15 @@ one trace across all of them, with the parent links and events an SRE reads."""
 from __future__ import annotations
 
 import time
-from concurrent import futures
 
-import grpc
 import numpy as np
 import pytest
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from conftest import silence, speak, words
 from voicestack.client import converse
 from voicestack.launcher import Stack
 
 SERVICES = ("edge", "vad", "stt", "llm", "tts")
-
-
-class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2_grpc.MetricsServiceServicer):
-    """The OTLP/gRPC trace and metrics services, keeping every span it is sent."""
-
-    def __init__(self):
-        self.spans = []  # (service name, span)
-
-    def Export(self, request, context):
-        if isinstance(request, trace_service_pb2.ExportTraceServiceRequest):
-            for resource_spans in request.resource_spans:
-                service = next((a.value.string_value for a in resource_spans.resource.attributes
-                                if a.key == "service.name"), "")
-                for scope in resource_spans.scope_spans:
-                    self.spans.extend((service, span) for span in scope.spans)
-            return trace_service_pb2.ExportTraceServiceResponse()
-        return metrics_service_pb2.ExportMetricsServiceResponse()
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    sink = OtlpReceiver()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(sink, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield sink, port
-    server.stop(None)
 
 
 @pytest.fixture(scope="module")

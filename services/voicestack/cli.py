@@ -300,6 +300,42 @@ def add_talk_flags(parser) -> None:
     # The API key comes from VOICESTACK_API_KEY, never a flag: flags show up in `ps`.
 
 
+def cmd_recordings(args) -> int:
+    """retention / export / erase on the recording store, each audited (see README,
+    Recording and compliance). Exit 0 done, 1 no such recording, 2 bad setup or store down."""
+    from datetime import datetime, timezone
+
+    from voicestack import recordings
+
+    settings = load_settings("edge", flag_overrides(args))
+    missing = [name for name in ("recording_store", "recording_audit_log") if not getattr(settings, name)]
+    if missing:
+        print(f"set {' and '.join(missing)} (VOICESTACK_{missing[0].upper()} or --{missing[0].replace('_', '-')})",
+              file=sys.stderr)
+        return 2
+    try:
+        store = recordings.open_store(settings)
+        audit = recordings.AuditLog(settings.recording_audit_log)
+        if args.command == "retention":
+            deleted = recordings.retention(store, datetime.now(timezone.utc), audit)
+            print(f"deleted {len(deleted)} expired recording(s)" + "".join(f"\n  {s}" for s in deleted))
+        elif args.command == "export":
+            print(recordings.export(store, args.session, args.to, audit))
+        else:
+            removed = recordings.erase(store, args.session, audit)
+            print(f"erased {args.session}: {len(removed)} file(s)" if removed else f"no recording of {args.session}")
+    except recordings.StoreUnavailable as error:
+        print(f"recording store unavailable: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # a malformed session id
+        print(str(error), file=sys.stderr)
+        return 2
+    except KeyError:
+        print(f"no recording of {args.session}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="voicestack", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -343,6 +379,16 @@ def main(argv=None) -> int:
     status.add_argument("--release", default="voicestack", help="Helm release (label app.kubernetes.io/instance)")
     status.add_argument("--kubeconfig", default=None, help="default: in-cluster config, else $KUBECONFIG or ~/.kube/config")
     status.set_defaults(run=cmd_status)
+
+    retention = commands.add_parser("retention", help="delete every recording past its expiry (audited)")
+    export = commands.add_parser("export", help="copy one session's recording to a folder (an access request; audited)")
+    export.add_argument("session")
+    export.add_argument("--to", default=".", help="folder to copy it into (a subfolder per session)")
+    erase = commands.add_parser("erase", help="delete one session's recording now (an erasure request; audited)")
+    erase.add_argument("session")
+    for command in (retention, export, erase):
+        add_flags(command)
+        command.set_defaults(run=cmd_recordings)
 
     args = parser.parse_args(argv)
     return args.run(args)

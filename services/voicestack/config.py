@@ -135,7 +135,33 @@ class Settings:
     # Edge only: file of sha256 hex digests of accepted API keys, one a line ("" = no auth).
     api_keys_file: str = ""
     # Put transcript and reply text into trace spans (off: traces carry timings, not words).
+    # They pass the "record" processors first (redact_records).
     trace_text: bool = False
+    # Edge: processors on the conversation's text, by entry-point name, in order (README,
+    # Extending the conversation): e.g. "pii,content_filter".
+    processors: str = ""
+    # Edge: what is traced or recorded passes the PII redactor ("pii"), whether or not
+    # `processors` names it; pii_redact_llm: it also redacts what the LLM sees.
+    redact_records: bool = True
+    pii_redact_llm: bool = False
+    # content_filter: extra words (one a line) and what the agent says instead of a clause with one.
+    content_filter_words_file: str = ""
+    content_filter_text: str = "Sorry, I can't say that."
+    # Edge: record calls (README, Recording and compliance): off; when on, only after the
+    # caller consents (asked after the disclosure, or SessionConfig.recording_consent), to
+    # recording_store: a path or file:///path (a volume), or s3://bucket at recording_s3_endpoint.
+    recording: bool = False
+    recording_store: str = ""
+    recording_s3_endpoint: str = ""
+    recording_s3_access_key: str = ""
+    recording_s3_secret_key: str = field(default="", repr=False)
+    recording_s3_region: str = "us-east-1"
+    recording_retention_days: float = 30.0
+    # Where `voicestack retention / export / erase` append their audit lines (JSON, one a line).
+    recording_audit_log: str = ""
+    consent_text: str = "This call can be recorded. Do you agree to be recorded?"
+    consent_yes_text: str = "Thank you. This call is being recorded."
+    consent_no_text: str = "All right, this call will not be recorded."
     # Benchmarks only: trivial engines (no models) so the edge and the bus are the
     # bottleneck being measured. Never evidence that the pipeline works.
     cheap_engines: bool = False
@@ -196,7 +222,7 @@ def flag_overrides(args) -> dict:
 def public_view(settings: Settings) -> dict:
     """Settings safe to log: secrets masked."""
     view = dataclasses.asdict(settings)
-    for secret in ("llm_api_key",):
+    for secret in ("llm_api_key", "recording_s3_secret_key"):
         if view[secret]:
             view[secret] = "***"
     return view

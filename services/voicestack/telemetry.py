@@ -125,6 +125,9 @@ class Meters:
         self.tool_calls = meter.create_counter(
             "voicestack.tool.calls", description="The agent's tool calls, by tool and outcome (ok, error, timeout, cancelled)",
         )
+        self.processor_errors = meter.create_counter(
+            "voicestack.processor.errors", description="Fail-open processors that raised (their input passed on), by processor and place",
+        )
         self.compute_seconds = meter.create_counter(
             "voicestack.compute", unit="s", description="Model compute time",
         )

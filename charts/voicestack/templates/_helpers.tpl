@@ -237,6 +237,42 @@ timeoutSeconds: {{ .probe.timeoutSeconds }}
 - name: VOICESTACK_LLM_ROUTING
   value: {{ . | quote }}
 {{- end }}
+{{- with $s.processors }}
+- name: VOICESTACK_PROCESSORS
+  value: {{ . | quote }}
+{{- end }}
+{{- if $s.piiRedactLlm }}
+- name: VOICESTACK_PII_REDACT_LLM
+  value: "true"
+{{- end }}
+{{- with $s.contentFilter }}
+{{- if .words }}
+- name: VOICESTACK_CONTENT_FILTER_WORDS_FILE
+  value: /etc/voicestack/content-filter/words.txt
+{{- end }}
+{{- with .text }}
+- name: VOICESTACK_CONTENT_FILTER_TEXT
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- if include "voicestack.recording.enabled" $root }}
+{{- $rec := $s.recording }}
+- name: VOICESTACK_RECORDING
+  value: "true"
+{{ include "voicestack.recording.storeEnv" $root }}
+{{- with $rec.consentText }}
+- name: VOICESTACK_CONSENT_TEXT
+  value: {{ . | quote }}
+{{- end }}
+{{- with $rec.consentYesText }}
+- name: VOICESTACK_CONSENT_YES_TEXT
+  value: {{ . | quote }}
+{{- end }}
+{{- with $rec.consentNoText }}
+- name: VOICESTACK_CONSENT_NO_TEXT
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and (eq .name "stt") $s.model }}
 - name: VOICESTACK_STT_MODEL
@@ -292,4 +328,102 @@ timeoutSeconds: {{ .probe.timeoutSeconds }}
 {{- with $s.extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/*
+Call recording (stages.edge.recording): shared by the edge and the retention CronJob, which run
+with the same store, credentials, volumes and audit log. Context: the root ($).
+  the recording volume, an existing PVC, at /var/lib/voicestack/recordings (a path store lives there);
+  the audit log at /var/lib/voicestack/audit/audit.jsonl on auditLog.claimName, else beside the recordings.
+*/}}
+{{- define "voicestack.recording.volumePath" -}}/var/lib/voicestack/recordings{{- end }}
+{{- define "voicestack.recording.auditPath" -}}/var/lib/voicestack/audit{{- end }}
+
+{{/* The audit log file; fails the render when no volume can hold it. */}}
+{{- define "voicestack.recording.auditLog" -}}
+{{- $rec := .Values.stages.edge.recording }}
+{{- if $rec.auditLog.claimName }}
+{{- printf "%s/audit.jsonl" (include "voicestack.recording.auditPath" .) }}
+{{- else if $rec.volume.claimName }}
+{{- printf "%s/audit.jsonl" (include "voicestack.recording.volumePath" .) }}
+{{- else }}
+{{- fail "stages.edge.recording.enabled is true but the audit log has no durable volume: set stages.edge.recording.auditLog.claimName (an existing PVC) or stages.edge.recording.volume.claimName; retention, export and erase append to it" }}
+{{- end }}
+{{- end }}
+
+{{/* Fails the render on settings the edge or `voicestack retention` would refuse at start. */}}
+{{- define "voicestack.recording.validate" -}}
+{{- $rec := .Values.stages.edge.recording }}
+{{- $store := $rec.store | default "" | trim }}
+{{- if not $store }}
+{{- fail "stages.edge.recording.enabled is true but stages.edge.recording.store is empty (the edge refuses to start without one): set it to s3://bucket (with stages.edge.recording.s3.endpoint and .secretName) or to a path on the recording volume, /var/lib/voicestack/recordings (with stages.edge.recording.volume.claimName)" }}
+{{- end }}
+{{- if hasPrefix "s3://" $store }}
+{{- if not (regexMatch "^s3://[^/]+/?$" $store) }}
+{{- fail (printf "stages.edge.recording.store %q: want s3://bucket (no path after the bucket)" $store) }}
+{{- end }}
+{{- if or (not $rec.s3.endpoint) (not $rec.s3.secretName) }}
+{{- fail "stages.edge.recording.store is s3://... but stages.edge.recording.s3.endpoint or stages.edge.recording.s3.secretName is empty: set the endpoint URL and an existing Secret with keys access-key and secret-key" }}
+{{- end }}
+{{- else }}
+{{- $path := trimPrefix "file://" $store | trimSuffix "/" }}
+{{- $mount := include "voicestack.recording.volumePath" . }}
+{{- if or (not (or (eq $path $mount) (hasPrefix (printf "%s/" $mount) $path))) (contains "/../" (printf "%s/" $path)) }}
+{{- fail (printf "stages.edge.recording.store %q: a volume store must be on the recording volume, %s (or file://%s), or use s3://bucket" $store $mount $mount) }}
+{{- end }}
+{{- if not $rec.volume.claimName }}
+{{- fail (printf "stages.edge.recording.store %q is a path: set stages.edge.recording.volume.claimName (an existing PVC, ReadWriteMany with more than one edge)" $store) }}
+{{- end }}
+{{- end }}
+{{- $_ := include "voicestack.recording.auditLog" . }}
+{{- end }}
+
+{{/* Store, credentials, retention and audit log: the environment of the edge and of `voicestack retention`. */}}
+{{- define "voicestack.recording.storeEnv" -}}
+{{- include "voicestack.recording.validate" . }}
+{{- $rec := .Values.stages.edge.recording -}}
+- name: VOICESTACK_RECORDING_STORE
+  value: {{ $rec.store | trim | quote }}
+{{- if hasPrefix "s3://" ($rec.store | trim) }}
+- name: VOICESTACK_RECORDING_S3_ENDPOINT
+  value: {{ $rec.s3.endpoint | quote }}
+- name: VOICESTACK_RECORDING_S3_REGION
+  value: {{ $rec.s3.region | default "us-east-1" | quote }}
+- name: VOICESTACK_RECORDING_S3_ACCESS_KEY
+  valueFrom: {secretKeyRef: {name: {{ $rec.s3.secretName | quote }}, key: access-key}}
+- name: VOICESTACK_RECORDING_S3_SECRET_KEY
+  valueFrom: {secretKeyRef: {name: {{ $rec.s3.secretName | quote }}, key: secret-key}}
+{{- end }}
+- name: VOICESTACK_RECORDING_RETENTION_DAYS
+  value: {{ $rec.retentionDays | toString | quote }}
+- name: VOICESTACK_RECORDING_AUDIT_LOG
+  value: {{ include "voicestack.recording.auditLog" . | quote }}
+{{- end }}
+
+{{/* Volume mounts (container) and volumes (pod) of the recording and audit PVCs; empty when neither is set. */}}
+{{- define "voicestack.recording.volumeMounts" -}}
+{{- $rec := .Values.stages.edge.recording }}
+{{- if $rec.volume.claimName }}
+- {name: recordings, mountPath: {{ include "voicestack.recording.volumePath" . }}}
+{{- end }}
+{{- if $rec.auditLog.claimName }}
+- {name: audit, mountPath: {{ include "voicestack.recording.auditPath" . }}}
+{{- end }}
+{{- end }}
+
+{{- define "voicestack.recording.volumes" -}}
+{{- $rec := .Values.stages.edge.recording }}
+{{- if $rec.volume.claimName }}
+- name: recordings
+  persistentVolumeClaim: {claimName: {{ $rec.volume.claimName | quote }}}
+{{- end }}
+{{- if $rec.auditLog.claimName }}
+- name: audit
+  persistentVolumeClaim: {claimName: {{ $rec.auditLog.claimName | quote }}}
+{{- end }}
+{{- end }}
+
+{{/* "true" when call recording is on (tolerates values from a release older than the setting). */}}
+{{- define "voicestack.recording.enabled" -}}
+{{- if (.Values.stages.edge.recording | default dict).enabled }}true{{ end }}
 {{- end }}

@@ -25,10 +25,12 @@ from opentelemetry.trace import Status, StatusCode
 
 from voicestack import llm, telemetry, tts
 from voicestack.edge.observer import TurnObserver
+from voicestack.edge.processing import NO_PROCESSORS, ProcessorChain
 from voicestack.edge.output import Output
 from voicestack.edge.speech import SpeechHandle
 from voicestack.edge.tool_calls import ToolError, perform_tool_calls
 from voicestack.errors import StageError, stalled
+from voicestack.tts.engine import split_clauses
 from voicestack.v1 import edge_pb2, llm_pb2, tts_pb2
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,8 @@ class GenerationContext:
     client_tools: object = None  # tool_calls.ClientToolCalls
     tool_failure_text: str = "Sorry, I couldn't do that just now."
     goodbye_text: str = "Goodbye."
+    processors: ProcessorChain = NO_PROCESSORS
+    recording: object = None  # recording.CallRecording, once the caller consented
 
 
 async def together(*coroutines) -> None:
@@ -330,6 +334,22 @@ async def perform_llm_inference(ctx: GenerationContext, handle: SpeechHandle, ll
     pending: list[str] = []
     calls: list = []
     deltas = aiter(llm_stream)
+    # With agent processors the text goes to the TTS clause by clause, each processed first
+    # (the clause is their look-ahead); the TTS waits for a clause's end anyway.
+    by_clause = ctx.processors.applies("agent")
+    unprocessed = ""
+
+    async def say(text: str) -> None:
+        handle.text += text
+        pending.append(text)
+        await speech.send(text)
+
+    async def say_clauses(final: bool = False) -> None:
+        nonlocal unprocessed
+        clauses, unprocessed = split_clauses(unprocessed, final=final)
+        for clause in clauses:
+            await say(await ctx.processors.clause(clause, span) + " ")
+
     while True:
         try:
             async with asyncio.timeout(ctx.stall_seconds):
@@ -342,15 +362,17 @@ async def perform_llm_inference(ctx: GenerationContext, handle: SpeechHandle, ll
         if delta.text_delta or delta.tool_calls:
             if not metrics.llm_first_token_ms:
                 ctx.observer.first_token(handle.turn, llm_sent, span)
-        if delta.text_delta:
-            handle.text += delta.text_delta
-            pending.append(delta.text_delta)
-            await speech.send(delta.text_delta)
+        if delta.text_delta and by_clause:
+            unprocessed += delta.text_delta
+            await say_clauses()
+        elif delta.text_delta:
+            await say(delta.text_delta)
         calls += delta.tool_calls
         metrics.completion_tokens = delta.completion_tokens or metrics.completion_tokens
         if handle.released and pending:
             ctx.output.send(agent_text=_agent_text(handle, "".join(pending)))
             pending.clear()
+    await say_clauses(final=True)
     span.set_attribute("gen_ai.usage.output_tokens", handle.turn.metrics.completion_tokens)
     span.end()
     if pending:
@@ -393,6 +415,8 @@ async def perform_audio_forwarding(ctx: GenerationContext, handle: SpeechHandle,
     audio = result.audio
     handle.add_audio(len(audio.pcm) / 2 / max(1, audio.sample_rate_hz) * 1000, result.text)
     ctx.output.send_audio(handle.turn_index, audio)
+    if ctx.recording is not None:
+        ctx.recording.agent_audio(audio.pcm, audio.sample_rate_hz)
 
 
 def _agent_text(handle: SpeechHandle, text: str) -> edge_pb2.AgentText:

@@ -13,10 +13,12 @@ import uuid
 import grpc
 import nats.errors
 
+from voicestack import processors, recordings
 from voicestack.audio import SUPPORTED_RATES
 from voicestack.bus import TTS_VOICES_SUBJECT, StageClient
 from voicestack.config import Settings
 from voicestack.edge.admission import Admission
+from voicestack.edge.processing import NO_PROCESSORS, ProcessorChain
 from voicestack.edge.session import Session
 from voicestack.edge.tools import ServerTools, SessionTools
 from voicestack.errors import ServiceError, StageError, invalid
@@ -121,7 +123,13 @@ class EdgeService:
             raise ValueError(f"endpointing_mode must be \"silence\" or \"model\", not {settings.endpointing_mode!r}")
         if settings.llm_routing not in ("auto", "fast"):
             raise ValueError(f"llm_routing must be \"auto\" or \"fast\", not {settings.llm_routing!r}")
+        if settings.recording and not settings.recording_store:
+            raise ValueError("recording is on but recording_store is empty: set recording_store "
+                             "(a path, file:///path, or s3://bucket with recording_s3_endpoint)")
         self.settings = settings
+        # (a store that cannot be built, an s3:// one without its endpoint say, stops the edge here)
+        self.recording_store = recordings.open_store(settings) if settings.recording else None
+        self.processors = NO_PROCESSORS
         self.capacity = settings.capacity
         self.admission = Admission(settings.api_keys_file)
         self.sessions: dict[str, Session] = {}
@@ -190,6 +198,16 @@ class EdgeService:
         # HTTP tools and MCP servers are checked and listed once, here: a bad tools file
         # stops the edge at start, not in a caller's turn.
         self.server_tools = await ServerTools.start(self.settings)
+        # Processors load once (the PII redactor's model takes seconds); one not installed stops the edge.
+        self.processors = ProcessorChain(await asyncio.to_thread(processors.load, self.processor_names(), self.settings),
+                                         meters)
+
+    def processor_names(self) -> str:
+        """`processors`, and the PII redactor when text is traced or recorded (redact_records)."""
+        names = [n.strip() for n in self.settings.processors.split(",") if n.strip()]
+        if self.settings.redact_records and (self.settings.recording or self.settings.trace_text) and "pii" not in names:
+            names.insert(0, "pii")
+        return ",".join(names)
 
     async def drain(self, deadline_seconds: float) -> None:
         """Tell every client to move (GoAway), let sessions end until the deadline."""
@@ -261,7 +279,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 tools = SessionTools.from_config(first.config.tools, edge.server_tools) if wants_tools(first.config) else None
                 await edge.check_voice(first.config.voice)
                 session = await held.enter_async_context(
-                    Session(uuid.uuid4().hex, edge.stages, first.config, edge.settings, edge.meters, tools=tools))
+                    Session(uuid.uuid4().hex, edge.stages, first.config, edge.settings, edge.meters, tools=tools,
+                            processors=edge.processors, recording_store=edge.recording_store))
                 held.enter_context(edge.listed(session))
                 await self._write(context, edge_pb2.ConverseResponse(session_started=edge_pb2.SessionStarted(
                     session_id=session.id, output_sample_rate_hz=TTS_SAMPLE_RATE)))

@@ -18,12 +18,14 @@ and makes every decision, so no decision races another:
 Every user turn ends exactly once: `AgentTurnEnded` (after one `Error` if a stage failed
 it) or `Interrupted`. The parts: recognition.py (audio in), speech.py (reply handles and
 their order), generation.py (LLM into TTS into paced audio), output.py (to the client),
-observer.py (spans and meters), events.py (what the inbox holds), turn_taking.py (settings).
+observer.py (spans and meters), events.py (what the inbox holds), turn_taking.py (settings),
+processing.py (the team's processors on the text), recording.py (consent and the recording).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ from voicestack.edge.events import (AudioIn, Failed, HooksToInbox, InputEnded, P
                                     ReplyDone, ToolAnswered, Transcribed, Transcript, VadDecision)
 from voicestack.edge.generation import GenerationContext, perform_reply
 from voicestack.edge.observer import TurnObserver, TurnRecord
+from voicestack.edge.processing import NO_PROCESSORS, ProcessorChain
+from voicestack.edge.recording import CallRecording, consent_answer
 from voicestack.edge.output import Output
 from voicestack.edge.recognition import Recognition, Utterance
 from voicestack.edge.routing import Route, choose_route, tool_words
@@ -48,8 +52,8 @@ from voicestack.v1 import edge_pb2, llm_pb2
 log = logging.getLogger(__name__)
 
 MAX_HISTORY_MESSAGES = 120  # after the system prompt (the LLM stage takes 200)
-OVER_AGENT_INTERIM_MS = 300  # STT interims while the caller speaks over the agent (see _start_user_turn)
 INBOX_HIGH = 200  # events: a client sending faster than the session keeps up waits here
+RECORDINGS_CLOSING: set[asyncio.Task] = set()  # recordings being stored after their calls ended
 SYSTEM, USER, ASSISTANT = llm_pb2.CHAT_ROLE_SYSTEM, llm_pb2.CHAT_ROLE_USER, llm_pb2.CHAT_ROLE_ASSISTANT
 
 
@@ -91,7 +95,7 @@ class Session:
     every task and cancels every stage stream the session holds."""
 
     def __init__(self, session_id: str, stages, config: edge_pb2.SessionConfig, settings, meters=None,
-                 tools=None):
+                 tools=None, processors: ProcessorChain = NO_PROCESSORS, recording_store=None):
         self.id = session_id
         self.settings = settings
         self.input_rate = config.input_format.sample_rate_hz or PIPELINE_RATE
@@ -113,7 +117,14 @@ class Session:
             temperature=settings.llm_temperature, max_tokens=config.max_reply_tokens,
             audio_lead_ms=settings.audio_lead_ms, stall_seconds=settings.stage_stall_seconds,
             tools=tools, client_tools=ClientToolCalls(self.output),
-            tool_failure_text=settings.tool_failure_text, goodbye_text=settings.goodbye_text)
+            tool_failure_text=settings.tool_failure_text, goodbye_text=settings.goodbye_text, processors=processors)
+        self.processors = processors
+        # Recording (recording.py): with a store, from the caller's consent to the end of the call.
+        self.recording_store = recording_store
+        self.recording: CallRecording | None = None
+        self.awaiting_consent = False
+        if recording_store is not None and config.recording_consent:
+            self._start_recording("client")
         self.recognition = Recognition(
             session_id, stages, HooksToInbox(self.inbox), self._spawn,
             tt.vad_config(),
@@ -151,6 +162,13 @@ class Session:
             self._runner.cancel()
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)
+        if self.recording is not None:
+            # To the store even if this call is being cancelled (a hang-up): it finishes on its own.
+            closing = asyncio.create_task(self._close_recording())
+            RECORDINGS_CLOSING.add(closing)
+            closing.add_done_callback(RECORDINGS_CLOSING.discard)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(closing)
 
     async def _run(self) -> None:
         try:
@@ -271,6 +289,8 @@ class Session:
 
     async def _on_audio(self, pcm: bytes) -> None:
         u = self.user
+        if self.recording is not None:
+            self.recording.user_audio(pcm)
         await self.recognition.push(pcm, span=u.record.span if u else None)
         if u is None:
             return
@@ -303,11 +323,8 @@ class Session:
         self.output.send(speech_started=edge_pb2.SpeechStarted(turn_index=index, offset_ms=speech_ms))
         self._drop_unheard_replies()  # the user was not done: a reply not yet heard is stale
         over_agent = self.speech.speaking is not None and not continuation
-        # Over the agent, with backchannels ignored, the first words decide: hear them sooner.
-        interim_ms = OVER_AGENT_INTERIM_MS if over_agent and self.turn_taking.ignore_backchannels else 0
         try:
-            utterance = await self.recognition.start_utterance(index, speech_ms, span=record.stt_span,
-                                                               interim_ms=interim_ms)
+            utterance = await self.recognition.start_utterance(index, speech_ms, span=record.stt_span)
         except StageError as error:
             self._end_turn(index, record, error=error)
             return
@@ -356,15 +373,42 @@ class Session:
         self.observer.stt_ended(turn.record, (turn.utterance.sent_ms - turn.utterance.start_ms) / 1000)
         if turn.backchannel_pending and self._heard_backchannel(turn, event.text):
             return
-        self.observer.stt_finalized(turn.record, turn.decided_at, event.text)
+        text = event.text
+        try:
+            recorded = await self._for_the_record(text, turn.record.span)
+            if self.processors.applies("user"):
+                text = await self.processors.run(text, "user", turn.record.span)
+        except StageError as error:  # a fail-closed processor
+            self._on_transcribed_error(turn, error)
+            return
+        self.observer.stt_finalized(turn.record, turn.decided_at, recorded)
+        if self.recording is not None:
+            self.recording.transcript(turn.index, "user", recorded)
         self._how_it_was_said(turn, event.text)
-        self._answer(turn, event.text)
+        self._answer(turn, text)
+
+    async def _for_the_record(self, text: str, span=None) -> str:
+        """`text` as traces and recordings may keep it: through the "record" processors."""
+        if text and (self.observer.trace_text or self.recording is not None) and self.processors.applies("record"):
+            return await self.processors.run(text, "record", span)
+        return text
+
+    async def _close_recording(self) -> None:
+        """The agent's words through the record processors, then everything to the store."""
+        for index, text in self.recording.agent_said:
+            try:
+                self.recording.transcript(index, "agent", await self._for_the_record(text))
+            except StageError as error:  # the redactor failed: keep nothing rather than the raw text
+                log.warning("session %s turn %d: agent text not recorded: %s", self.id, index, error)
+                self.recording.writer.mark_gap(f"turn {index}: agent text not recorded ({error.stage})")
+        await self.recording.close()
 
     def _heard_backchannel(self, turn: UserTurn, text: str) -> bool:
         """Speech over the agent has its final transcript: a backchannel ends unanswered and
         the agent goes on; anything else interrupts now (if it still can) and is answered."""
         turn.backchannel_pending = turn.over_agent = False
-        if is_backchannel(text):
+        answers_consent = self.awaiting_consent and consent_answer(text) is not None  # a "yes" that counts
+        if is_backchannel(text) and not answers_consent:
             self.backchannels += 1
             self._cancel_speculation(turn)
             self._end_turn(turn.index, turn.record, dropped=True)
@@ -389,6 +433,14 @@ class Session:
         self._end_turn(turn.index, turn.record, error=error)
 
     def _answer(self, turn: UserTurn, text: str) -> None:
+        if self.awaiting_consent and turn.answer and text:
+            self.awaiting_consent = False  # asked once: anything but a clear answer is a no
+            agreed = consent_answer(text)
+            if agreed is not None:
+                if agreed:
+                    self._start_recording("spoken")
+                self._say(turn, self.settings.consent_yes_text if agreed else self.settings.consent_no_text)
+                return
         if not turn.answer:  # a monologue's part: heard now, answered with the rest
             self._cancel_speculation(turn)
             if text:
@@ -429,10 +481,26 @@ class Session:
 
     # ------------------------------------------------------------ replies
 
+    def _say(self, turn: UserTurn, text: str) -> None:
+        """Fixed words as the turn's reply (not the LLM's; not kept in the history)."""
+        self._cancel_speculation(turn)
+        self._drop_unheard_replies()
+        handle = SpeechHandle(turn.index, fixed=[(text, True)], turn=turn.record)
+        self.speech.release(handle)
+        self._start_reply(handle)
+
+    def _start_recording(self, consent: str) -> None:
+        self.recording = CallRecording(self.recording_store, self.id, self.settings.recording_retention_days, consent)
+        self.generation.recording = self.recording
+        log.info("session %s: recording (consent: %s)", self.id, consent)
+
     def _speak_first(self) -> None:
         fixed = []
         if self.settings.disclosure and self.settings.disclosure_text:
             fixed.append((self.settings.disclosure_text, False))
+        if self.recording_store is not None and self.recording is None:
+            fixed.append((self.settings.consent_text, True))  # the caller's next turn answers it
+            self.awaiting_consent = True
         if self.greeting:
             fixed.append((self.greeting, True))
         if fixed:
@@ -600,6 +668,9 @@ class Session:
             log.error("session %s: turn %d ended twice (ignored)", self.id, index)
             return
         self.ended_turns.add(index)
+        said = interrupted.heard_text if interrupted is not None else text
+        if self.recording is not None and said:
+            self.recording.agent_said.append((index, said))  # redacted when the recording closes
         if error is not None:
             log.warning("session %s turn %d: %s", self.id, index, error)
             self.observer.stage_failed(error)

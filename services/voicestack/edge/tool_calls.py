@@ -117,11 +117,17 @@ async def _perform_call(ctx, handle: SpeechHandle, call: tools_pb2.ToolCall, res
     span = ctx.observer.stage_span(handle.turn, "tool.call", TOOL_STAGE, voicestack__tool__name=call.name,
                                    voicestack__tool__call_id=call.id)
     if ctx.observer.trace_text:
-        span.set_attribute("voicestack.tool.arguments", call.arguments_json)
+        span.set_attribute("voicestack.tool.arguments", await ctx.processors.run(call.arguments_json, "record", span))
     started = time.monotonic()
     outcome = "error"
     try:
-        results[call.id] = await _run(ctx, handle, call)
+        if ctx.processors.applies("tool_call"):  # (a processor here must keep the arguments JSON)
+            call = tools_pb2.ToolCall(id=call.id, name=call.name,
+                                      arguments_json=await ctx.processors.run(call.arguments_json, "tool_call", span))
+        result = await _run(ctx, handle, call)
+        if ctx.processors.applies("tool_result"):
+            result = await ctx.processors.run(result, "tool_result", span)
+        results[call.id] = result
         outcome = "ok"
     except asyncio.CancelledError:
         outcome = "cancelled"
