@@ -102,12 +102,13 @@ async def test_a_recorded_call_keeps_no_card_number_and_an_operator_can_export_a
     assert {"user.wav", "agent.wav", "transcript.json"} <= {f["name"] for f in manifest["files"]}
     transcript = json.loads(store.get(f"recordings/{session}/transcript.json"))
     user_lines = [t["text"] for t in transcript if t["role"] == "user"]
-    assert any("[card]" in line for line in user_lines), transcript
+    # ([card] when the STT heard it exactly; [number] when it heard a digit group more or less)
+    assert any("[card]" in line or "[number]" in line for line in user_lines), transcript
     assert not any(holds_card(t["text"]) for t in transcript), transcript
     # ... nor in any span (with trace_text on, transcripts are traced redacted) ...
     await asyncio.sleep(1.0)  # the batch exporters' last flush
     traced = [a.value.string_value for _, span in sink.spans for a in span.attributes if a.value.string_value]
-    assert any("[card]" in value for value in traced), "no redacted transcript in the trace"
+    assert any("[card]" in value or "[number]" in value for value in traced), "no redacted transcript in the trace"
     assert not [v for v in traced if holds_card(v)]
     # ... nor in any log.
     for log in compliant_stack.log_dir.glob("*.log"):

