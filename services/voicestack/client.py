@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -20,6 +21,21 @@ FRAME_MS = 20
 # Silence streamed after the audio before it counts as all sent: longer than the
 # default end-of-turn silence (600 ms), so speech at the very end is heard as ended.
 TRAILING_SILENCE_MS = 1000
+
+
+def edge_channel(address: str, ca_file: str = "", cert_file: str = "", key_file: str = "") -> grpc.aio.Channel:
+    """A channel to the edge, as the gateways open one: TLS with a CA file (mTLS with a
+    client cert and key), plaintext without."""
+    if not (ca_file or cert_file):
+        return grpc.aio.insecure_channel(address)
+    read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+    return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(read(ca_file), read(key_file),
+                                                                          read(cert_file)))
+
+
+def edge_metadata(api_key: str) -> tuple | None:
+    """The call metadata carrying an API key (config.edge_api_key()), or None without one."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
 
 @dataclass

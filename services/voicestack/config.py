@@ -12,7 +12,10 @@ import os
 from dataclasses import dataclass, field, fields
 
 STAGES = ("vad", "stt", "llm", "tts")
+# The NATS services: each a gRPC server on the bus (runtime.serve).
 SERVICES = ("edge",) + STAGES
+# The gateways: clients of the edge's Converse stream, each with its own listener (no NATS).
+GATEWAYS = ("web", "sip")
 
 # Default gRPC ports of the embedded default; in Kubernetes every pod uses 50051.
 DEFAULT_GRPC_PORTS = {"edge": 50051, "vad": 50052, "stt": 50053, "llm": 50054, "tts": 50055}
@@ -162,6 +165,59 @@ class Settings:
     consent_text: str = "This call can be recorded. Do you agree to be recorded?"
     consent_yes_text: str = "Thank you. This call is being recorded."
     consent_no_text: str = "All right, this call will not be recorded."
+    # Web gateway (`serve web`, web/gateway.py): the edge it bridges to, and TLS to it (a CA
+    # file turns TLS on; with a cert and key, mTLS).
+    web_edge_address: str = "127.0.0.1:50051"
+    web_edge_ca_file: str = ""
+    web_edge_cert_file: str = ""
+    web_edge_key_file: str = ""
+    # Its HTTP listener; HTTPS with a cert and key (browsers allow the microphone only on
+    # https:// or localhost).
+    web_host: str = "127.0.0.1"
+    web_port: int = 8080
+    web_tls_cert_file: str = ""
+    web_tls_key_file: str = ""
+    # Calls one web gateway takes at once (more get 503), and the life of a /token token.
+    web_capacity: int = 20
+    web_token_ttl_seconds: float = 60.0
+    # Comma-separated STUN/TURN URLs for both ends ("" = host candidates only: one host or a
+    # flat network; behind NAT give a TURN server).
+    web_ice_servers: str = ""
+    # Origins besides the gateway's own that may ask for tokens (comma-separated).
+    web_allowed_origins: str = ""
+    # SIP gateway (`serve sip`, sip/gateway.py): its listener, "udp", "tcp" or both.
+    sip_host: str = "127.0.0.1"
+    sip_port: int = 5060
+    sip_transports: str = "udp,tcp"
+    # The address put in Contact and SDP: the one callers reach ("" = sip_host, or for
+    # 0.0.0.0 the local address the INVITE arrived on).
+    sip_public_host: str = ""
+    # The edge it bridges calls to, and its CA (TLS; with a cert and key, mTLS).
+    sip_edge_address: str = "127.0.0.1:50051"
+    sip_edge_ca_file: str = ""
+    sip_edge_cert_file: str = ""
+    sip_edge_key_file: str = ""
+    # RTP: an even port per call (RTCP on the next) from LOW-HIGH.
+    sip_rtp_ports: str = "10000-10100"
+    # Calls at once; past it INVITEs get sip_busy_code (486, 503 or 600).
+    sip_capacity: int = 20
+    sip_busy_code: int = 486
+    # Digest auth of INVITEs (both set = on; MD5 or SHA-256).
+    sip_username: str = ""
+    sip_password: str = field(default="", repr=False)
+    sip_realm: str = "voicestack"
+    # No RTP from the caller this long ends the call (0 = never); the edge must start the
+    # session within sip_answer_timeout_seconds or the INVITE gets 503.
+    sip_rtp_timeout_seconds: float = 60.0
+    sip_answer_timeout_seconds: float = 15.0
+    # Each call's session ("" = the edge's defaults).
+    sip_system_prompt: str = ""
+    sip_greeting: str = ""
+    sip_voice: str = ""
+    # Offer the agent end_call (the gateway then sends BYE after its goodbye).
+    sip_end_call: bool = True
+    # DTMF is logged; with this on the agent also gets a client tool `keypad_digits`.
+    sip_dtmf_tool: bool = False
     # Benchmarks only: trivial engines (no models) so the edge and the bus are the
     # bottleneck being measured. Never evidence that the pipeline works.
     cheap_engines: bool = False
@@ -191,13 +247,13 @@ def load_settings(service: str, overrides: dict | None = None, environ=os.enviro
     for name, value in (overrides or {}).items():
         if value is not None and name in types:
             setattr(settings, name, value)
-    # Per-service defaults fill whatever nobody set.
+    # Per-service defaults fill whatever nobody set (a gateway has its own web_*/sip_* ones).
     if settings.grpc_port == 0:
-        settings.grpc_port = DEFAULT_GRPC_PORTS[service]
+        settings.grpc_port = DEFAULT_GRPC_PORTS.get(service, 0)
     if settings.metrics_port == -1:
-        settings.metrics_port = DEFAULT_METRICS_PORTS[service]
+        settings.metrics_port = DEFAULT_METRICS_PORTS.get(service, 0)
     if settings.capacity <= 0:
-        settings.capacity = DEFAULT_CAPACITY[service]
+        settings.capacity = DEFAULT_CAPACITY.get(service, 0)
     if not settings.replica_id:
         settings.replica_id = f"{service}-{os.uname().nodename}-{os.getpid()}"
     return settings
@@ -219,10 +275,19 @@ def flag_overrides(args) -> dict:
     return {f.name: getattr(args, f.name, None) for f in fields(Settings)}
 
 
+def edge_api_key(environ=os.environ) -> str:
+    """The API key a client of the edge sends (`talk`, the gateways): VOICESTACK_API_KEY only,
+    never a flag (flags show in `ps`) and never a Settings field (so never in a log)."""
+    return environ.get("VOICESTACK_API_KEY", "").strip()
+
+
+SECRETS = ("llm_api_key", "recording_s3_secret_key", "sip_password")
+
+
 def public_view(settings: Settings) -> dict:
     """Settings safe to log: secrets masked."""
     view = dataclasses.asdict(settings)
-    for secret in ("llm_api_key", "recording_s3_secret_key"):
+    for secret in SECRETS:
         if view[secret]:
             view[secret] = "***"
     return view

@@ -1,5 +1,5 @@
-"""The one place that starts processes: a local nats-server and voicestack services,
-each its own process, as `voicestack up`, the demo, the tests and the benchmarks use.
+"""The one place that starts processes: a local nats-server, voicestack services and
+gateways, each its own process, as `voicestack up`, the demo, the tests and the benchmarks use.
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from voicestack.config import DEFAULT_GRPC_PORTS, DEFAULT_METRICS_PORTS
+from voicestack.config import DEFAULT_GRPC_PORTS, DEFAULT_METRICS_PORTS, GATEWAYS, load_settings
 
 # The edge needs the stages; VAD and the edge load nothing, so they come last and first.
 START_ORDER = ("vad", "stt", "llm", "tts", "edge")
@@ -73,7 +75,37 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def sip_options_ok(port: int, timeout: float = 0.5) -> bool:
+    """A SIP OPTIONS over UDP answered 200: the SIP gateway takes calls (503 while draining)."""
+    branch = "z9hG4bK" + os.urandom(8).hex()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.bind(("127.0.0.1", 0))
+        local = sock.getsockname()[1]
+        request = (f"OPTIONS sip:agent@127.0.0.1:{port} SIP/2.0\r\n"
+                   f"Via: SIP/2.0/UDP 127.0.0.1:{local};branch={branch};rport\r\nMax-Forwards: 70\r\n"
+                   f"From: <sip:launcher@127.0.0.1>;tag={branch[-8:]}\r\nTo: <sip:agent@127.0.0.1>\r\n"
+                   f"Call-ID: {branch}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+        try:
+            sock.sendto(request.encode(), ("127.0.0.1", port))
+            return sock.recv(4096).startswith(b"SIP/2.0 200")
+        except OSError:  # (a timeout too)
+            return False
+
+
 def process_ready(process: "Process") -> bool:
+    if process.service == "web":  # /healthz: 200 serving, 503 draining
+        return port_open(process.grpc_port) if process.tls else http_ok(f"{process.url}healthz")
+    if process.service == "sip":  # OPTIONS over UDP; a TCP-only gateway: its port open
+        return sip_options_ok(process.grpc_port) or port_open(process.grpc_port)
     # A TLS (or mTLS) listener cannot be asked over plaintext, and the launcher holds no
     # client certificate; its port opens only after the service has started (runtime.serve),
     # just before health turns SERVING, so an open port is the readiness signal there.
@@ -122,7 +154,7 @@ class Process:
     name: str  # "stt", or "stt-2" for a second replica
     service: str
     popen: subprocess.Popen
-    grpc_port: int
+    grpc_port: int  # a gateway's: its HTTP (web) or SIP port
     metrics_port: int
     log_path: Path | None = None
     tls: bool = False  # its gRPC listener wants TLS: plaintext health checks cannot reach it
@@ -134,6 +166,16 @@ class Process:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def url(self) -> str:
+        """Where to reach it: the page of the web gateway, the SIP URI of the SIP gateway, or
+        a service's gRPC address."""
+        if self.service == "web":
+            return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.grpc_port}/"
+        if self.service == "sip":
+            return f"sip:agent@127.0.0.1:{self.grpc_port}"
+        return self.address
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -191,6 +233,8 @@ class Stack:
 
     def spawn(self, service: str, name: str | None = None, args: list[str] | None = None, env: dict | None = None) -> Process:
         """Start one service process (not waiting for it)."""
+        if service in GATEWAYS:
+            return self.spawn_gateway(service, name, args, env)
         name = name or service
         grpc_port = free_port() if self.free_ports or name != service else DEFAULT_GRPC_PORTS[service]
         metrics_port = free_port() if self.free_ports or name != service else DEFAULT_METRICS_PORTS[service]
@@ -210,8 +254,29 @@ class Stack:
         self.processes[name] = process
         return process
 
+    def spawn_gateway(self, gateway: str, name: str | None = None, args: list[str] | None = None,
+                      env: dict | None = None, edge_address: str | None = None) -> Process:
+        """Start a gateway ("web" or "sip") in front of the edge (this stack's, unless given);
+        not waiting for it. Its port: a free one, or its setting (--web-port / VOICESTACK_WEB_PORT)."""
+        name = name or gateway
+        process_env = {**self.env, **(env or {})}
+        settings = load_settings(gateway, environ=process_env)
+        port = free_port() if self.free_ports or name != gateway else getattr(settings, f"{gateway}_port")
+        edge_address = edge_address or self.processes["edge"].address
+        command = [sys.executable, "-m", "voicestack", "serve", gateway, f"--{gateway}-port", str(port),
+                   f"--{gateway}-edge-address", edge_address, *(args or [])]
+        log_path = self.log_dir / f"{name}.log" if self.log_dir else None
+        log_offset = log_path.stat().st_size if log_path and log_path.exists() else 0
+        popen = subprocess.Popen(command, stdout=self._log_file(name), stderr=subprocess.STDOUT, env=process_env,
+                                 start_new_session=True)
+        tls = gateway == "web" and bool(settings.web_tls_cert_file or "--web-tls-cert-file" in (args or []))
+        process = Process(name, gateway, popen, port, 0, log_path, tls=tls, replica_id=name, log_offset=log_offset)
+        self.processes[name] = process
+        return process
+
     def wait_ready(self, names=None, timeout: float = 180.0, progress=None) -> None:
-        """Wait until each named process answers SERVING on grpc.health.v1."""
+        """Wait until each named process answers SERVING on grpc.health.v1 (a gateway: its
+        own probe, see process_ready)."""
         pending = list(names or self.processes)
         deadline = time.monotonic() + timeout
         while pending:
@@ -236,7 +301,8 @@ class Stack:
         line is not there within `timeout`, from its announcement on the bus (discovery).
         A process found in neither is left out.
         """
-        pending = [n for n in (names or self.processes) if n in self.processes]
+        pending = [n for n in (names or self.processes)
+                   if n in self.processes and self.processes[n].service not in GATEWAYS]  # (no models)
         found: dict[str, dict] = {}
         deadline = time.monotonic() + timeout
         # Health turns SERVING just before the ready line is written: poll a moment for it.
