@@ -116,7 +116,9 @@ VARIANTS = {
 }
 # The gateways (gateways.web, gateways.sip; off by default): the web one behind an Ingress, with the
 # edge's API keys on and its gRPC port restricted; the SIP one behind a LoadBalancer, with digest auth
-# and TLS to the edge; the SIP one on the nodes' network, UDP only, beside KEDA.
+# and TLS to the edge, autoscaled by the Prometheus Adapter HPA; the SIP one on the nodes' network, UDP
+# only, beside KEDA (which scales the web one). Each gateway autoscales on its calls as a stage on its
+# streams (KEDA, the adapter HPA), else on CPU (web-ingress).
 EDGE_KEY = '{"name":"edge-client-key","key":"api-key"}'
 ICE_SERVERS = ["stun:turn.example.com:3478", "turn:turn.example.com:3478?transport=udp"]
 VARIANTS.update({
@@ -136,10 +138,10 @@ VARIANTS.update({
         "--set-json", 'gateways.sip.auth.passwordSecret={"name":"sip-auth","key":"password"}',
         "--set-json", f"gateways.sip.edgeApiKeySecret={EDGE_KEY}",
         "--set", "stages.edge.apiKeys.secretName=edge-api-keys", "--set", "stages.edge.tls.secretName=edge-tls",
-        "--set-json", 'gateways.sip.session.greeting="Hello, how can I help?"', "--set", "gateways.sip.session.dtmfTool=true",
+        "--set-json", 'gateways.sip.session.greeting="Hello, how can I help?"',
         "--set-json", 'gateways.sip.service.loadBalancerSourceRanges=["198.51.100.0/24"]',
-        "--set", "gateways.sip.autoscaling.enabled=true",
-    ], {"stt", "llm", "tts"}, "cpu-hpa"),
+        "--set", "gateways.sip.autoscaling.enabled=true", "--set", "autoscaling.hpa.enabled=true",
+    ], {"stt", "llm", "tts"}, "pods-hpa"),
     "sip-hostnetwork": ([
         "-f", "values-keda.yaml", "--set", "gateways.sip.enabled=true", "--set", "gateways.sip.hostNetwork=true",
         "--set", "gateways.sip.publicHost=$(HOST_IP)", "--set-json", 'gateways.sip.transports=["udp"]',
@@ -288,9 +290,10 @@ def test_scaled_objects_match_keda_crd(helm, name):
     schema = json.loads(KEDA_SCHEMA.read_text())
     docs = render(helm, name)
     scaled = of_kind(docs, "ScaledObject")
-    assert len(scaled) == len([s for s in deployments(docs) if s not in GATEWAYS]) >= 5
-    # The gateways export no utilisation metric: KEDA leaves them to their CPU HPAs.
-    assert not [o for o in scaled if o["metadata"]["labels"]["app.kubernetes.io/component"] in GATEWAYS]
+    # One per autoscaled Deployment (the gateways' too: they export the same utilisation metrics).
+    autoscaled = {s for s, d in deployments(docs).items() if "replicas" not in d["spec"]}
+    assert {o["metadata"]["labels"]["app.kubernetes.io/component"] for o in scaled} == autoscaled
+    assert len(scaled) == len(autoscaled) >= 5
     for obj in scaled:
         errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(obj), key=lambda e: list(e.path))
         assert not errors, "\n".join(f"{obj['metadata']['name']}: {e.message} at {list(e.path)}" for e in errors)
@@ -428,7 +431,7 @@ def test_autoscalers_target_their_own_stage_with_exported_metrics(docs, variant)
             behavior = obj["spec"]["behavior"]
             assert {"scaleUp", "scaleDown"} <= set(behavior)
             for metric in obj["spec"]["metrics"]:
-                if mode == "pods-hpa" and stage not in GATEWAYS:
+                if mode == "pods-hpa":
                     assert metric["type"] == "Pods"
                     assert metric["pods"]["metric"]["name"] in EXPORTED_METRICS
                     assert metric["pods"]["metric"]["selector"] == {"matchLabels": {"stage": stage}}
@@ -978,12 +981,13 @@ def assert_gateway_policy(stage: str, deployment: dict, spec: dict, docs: list[d
     ports = container_ports(container)
     assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
     ingress = {(p["port"], p["protocol"], p.get("endPort")) for rule in spec["ingress"] for p in rule["ports"]}
+    scrapes = {("metrics", "TCP", None)}  # Prometheus, as on the stages
     if stage == "web":
-        assert ingress == {("http", "TCP", None)}, ingress
+        assert ingress == {("http", "TCP", None)} | scrapes, ingress
     else:
         rtp = rtp_range(container)
         expected = {(ports[n][0], ports[n][1], None) for n in ("sip-udp", "sip-tcp") if n in ports}
-        assert ingress == expected | {(rtp[0], "UDP", rtp[-1])}, ingress
+        assert ingress == expected | {(rtp[0], "UDP", rtp[-1])} | scrapes, ingress
     edge_labels = deployments(docs)["edge"]["spec"]["template"]["metadata"]["labels"]
     allowed = {(53, "UDP", None), (53, "TCP", None), (50051, "TCP", None)}
     allowed |= {(3478, "UDP", None), (3478, "TCP", None), (5349, "TCP", None)} if stage == "web" else {(1024, "UDP", 65535)}
@@ -1002,6 +1006,33 @@ def assert_gateway_policy(stage: str, deployment: dict, spec: dict, docs: list[d
 def gateway_objects(docs: list[dict], stage: str) -> dict[str, dict]:
     name = f"{RELEASE}-voicestack-{stage}"
     return {d["kind"]: d for d in docs if d["metadata"]["name"] == name}
+
+
+@pytest.mark.parametrize("name", GATEWAY_VARIANTS)
+def test_gateways_are_scraped_like_the_stages(helm, name):
+    """Each gateway serves its metrics (calls in flight and capacity, the autoscaling signal) where the
+    stages do: the metrics port 9464, on all addresses, named in the pod's scrape annotations."""
+    docs = render(helm, name)
+    edge_annotations = deployments(docs)["edge"]["spec"]["template"]["metadata"]["annotations"]
+    found = 0
+    for stage, deployment in deployments(docs).items():
+        if stage not in GATEWAYS:
+            continue
+        found += 1
+        container = stage_container(stage, deployment)
+        settings = gateway_settings(container)
+        assert settings.metrics_port == container_ports(container)["metrics"][0] == 9464, stage
+        assert container_ports(container)["metrics"][1] == "TCP"
+        assert getattr(settings, f"{stage}_host") == "0.0.0.0", "the gateway binds its metrics port on its listener's host"
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        for key in ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path"):
+            assert annotations[key] == edge_annotations[key], (stage, key)
+        assert annotations["prometheus.io/port"] == str(settings.metrics_port)
+    assert found
+    # metrics.podAnnotations=false: no annotations on any pod, gateways included.
+    quiet = run_helm(helm, "template", RELEASE, ".", "-n", NAMESPACE, *VARIANTS[name][0], "--set", "metrics.podAnnotations=false")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "prometheus.io/" not in quiet.stdout
 
 
 def test_gateways_render_nothing_unless_enabled(helm):
@@ -1033,8 +1064,7 @@ def test_web_gateway_behind_an_ingress(helm):
     assert not of_kind(docs, "Secret")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTP"}
-    # No metrics to scrape, and a drain the grace period covers.
-    assert "prometheus.io/scrape" not in json.dumps(deployment["spec"]["template"]["metadata"])
+    # A drain the grace period covers.
     assert spec["terminationGracePeriodSeconds"] >= prestop_sleep(container) + 300 + 5
     # The Service (ClusterIP, one client on one replica: /token and /offer must meet) and the Ingress.
     service = objects["Service"]["spec"]
@@ -1048,7 +1078,7 @@ def test_web_gateway_behind_an_ingress(helm):
     [path] = rule["http"]["paths"]
     assert (path["path"], path["pathType"]) == ("/", "Prefix")
     assert path["backend"]["service"] == {"name": objects["Service"]["metadata"]["name"], "port": {"name": "http"}}
-    # CPU autoscaling (the gateway exports no active-calls metric).
+    # Neither KEDA nor the Prometheus Adapter here: the CPU fallback HPA.
     hpa = objects["HorizontalPodAutoscaler"]["spec"]
     assert [m["resource"]["name"] for m in hpa["metrics"]] == ["cpu"] and "replicas" not in deployment["spec"]
     assert objects["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
@@ -1064,7 +1094,7 @@ def test_sip_gateway_behind_a_load_balancer(helm):
     assert settings.sip_host == "0.0.0.0" and settings.sip_public_host == "203.0.113.10"
     assert settings.sip_transports == "udp,tcp" and settings.sip_port == 5060
     assert settings.sip_rtp_ports == "10000-10019" and settings.sip_capacity == 10  # ten even/odd pairs
-    assert settings.sip_greeting == "Hello, how can I help?" and settings.sip_dtmf_tool and settings.sip_end_call
+    assert settings.sip_greeting == "Hello, how can I help?" and settings.sip_end_call
     assert settings.drain_seconds == 300 and spec["terminationGracePeriodSeconds"] >= prestop_sleep(container) + 300 + 5
     # Digest auth: the user name a value, the password only from its Secret; the edge's key likewise.
     env = env_of(container)
@@ -1082,8 +1112,8 @@ def test_sip_gateway_behind_a_load_balancer(helm):
     # Signalling on UDP and TCP and every RTP port, in the pod and in the LoadBalancer, with the same numbers.
     rtp = list(range(10000, 10020))
     expected = {("sip-udp", 5060, "UDP"), ("sip-tcp", 5060, "TCP")} | {(f"rtp-{p}", p, "UDP") for p in rtp}
-    assert {(n, p, proto) for n, (p, proto) in container_ports(container).items()} == expected
-    service = objects["Service"]["spec"]
+    assert {(n, p, proto) for n, (p, proto) in container_ports(container).items()} == expected | {("metrics", 9464, "TCP")}
+    service = objects["Service"]["spec"]  # the metrics port stays off the LoadBalancer
     assert {(p["name"], p["port"], p["protocol"]) for p in service["ports"]} == expected
     assert all(p["targetPort"] in (p["port"], p["name"]) for p in service["ports"])
     assert service["type"] == "LoadBalancer" and service["externalTrafficPolicy"] == "Local"
@@ -1092,8 +1122,12 @@ def test_sip_gateway_behind_a_load_balancer(helm):
         assert container[probe]["tcpSocket"] == {"port": "sip-tcp"}
     # The NetworkPolicy lets callers in on the whole RTP range.
     policy = objects["NetworkPolicy"]["spec"]
-    assert {"port": 10000, "endPort": 10019, "protocol": "UDP"} in policy["ingress"][0]["ports"]
-    assert [m["resource"]["name"] for m in objects["HorizontalPodAutoscaler"]["spec"]["metrics"]] == ["cpu"]
+    assert any({"port": 10000, "endPort": 10019, "protocol": "UDP"} in rule["ports"] for rule in policy["ingress"])
+    # The Prometheus Adapter HPA on its calls in flight: capacity 10 x targetUtilization 0.6 per pod.
+    [metric] = objects["HorizontalPodAutoscaler"]["spec"]["metrics"]
+    assert metric == {"type": "Pods", "pods": {
+        "metric": {"name": "voicestack_streams_active", "selector": {"matchLabels": {"stage": "sip"}}},
+        "target": {"type": "AverageValue", "averageValue": "6000m"}}}
 
 
 def test_sip_gateway_on_the_host_network(helm):
@@ -1116,10 +1150,22 @@ def test_sip_gateway_on_the_host_network(helm):
     # UDP only: the probe is an OPTIONS request from inside the pod.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert "exec" in container[probe]
-    # Beside KEDA, the web gateway still scales on CPU (an HPA, no ScaledObject).
+    # Beside KEDA, the web gateway scales with KEDA too, on its call utilisation (no HPA of the chart's).
     web = gateway_objects(docs, "web")
-    assert "ScaledObject" not in {d["kind"] for d in docs if d["metadata"]["name"] == f"{RELEASE}-voicestack-web"}
-    assert web["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert "HorizontalPodAutoscaler" not in web
+    [trigger] = web["ScaledObject"]["spec"]["triggers"]
+    query = trigger["metadata"]["query"]
+    assert set(re.findall(r'\bstage="([a-z-]+)"', query)) == {"web"}, query
+    assert "voicestack_streams_active{" in query and "voicestack_streams_capacity{" in query
+    assert trigger["metadata"]["threshold"] == "0.6"
+
+
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def free_udp_port() -> int:
@@ -1140,7 +1186,8 @@ def test_sip_udp_probe_asks_a_real_gateway(helm, tmp_path):
     port = free_udp_port()
     script = script.replace('("127.0.0.1", 5060)', f'("127.0.0.1", {port})')
     env = {**os.environ, **kubelet_env(container), "VOICESTACK_SIP_HOST": "127.0.0.1", "VOICESTACK_SIP_PORT": str(port),
-           "VOICESTACK_SIP_PUBLIC_HOST": "127.0.0.1", "HOME": str(tmp_path), "VOICESTACK_SIP_RTP_PORTS": "40000-40019"}
+           "VOICESTACK_SIP_PUBLIC_HOST": "127.0.0.1", "HOME": str(tmp_path), "VOICESTACK_SIP_RTP_PORTS": "40000-40019",
+           "VOICESTACK_METRICS_PORT": str(free_tcp_port())}  # not the chart's 9464: this machine may use it
 
     def probe() -> int:
         return subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=10).returncode
@@ -1185,8 +1232,9 @@ def test_template_rejects_a_gateway_that_cannot_work(helm, args, message):
     (["--set", "gateways.sip.service.type=NodePort"], "at '/gateways/sip/service/type'"),
     (["--set-json", 'gateways.sip.transports=["tls"]'], "at '/gateways/sip/transports/0'"),
     (["--set-json", 'gateways.web.iceServers=["http://turn.example.com"]'], "at '/gateways/web/iceServers/0'"),
-    (["--set", "gateways.web.autoscaling.targetUtilization=0.5"],
-     "at '/gateways/web/autoscaling': additional properties 'targetUtilization' not allowed"),
+    (["--set", "gateways.web.autoscaling.targetUtilisation=0.5"],
+     "at '/gateways/web/autoscaling': additional properties 'targetUtilisation' not allowed"),
+    (["--set", "gateways.sip.autoscaling.targetUtilization=60"], "at '/gateways/sip/autoscaling/targetUtilization'"),
 ])
 def test_schema_is_strict_about_the_gateways(helm, args, where):
     error = helm_error(helm, *args)

@@ -61,6 +61,10 @@ BAD_INPUT = {
     "negative interruption minimum": ([config(interruption=edge_pb2.InterruptionConfig(min_speech_ms=-5))],
                                       "interruption.min_speech_ms -5"),
     "frame just over 100 ms": ([config(), frame(bytes(3202))], "100.06 ms is over 100 ms"),
+    "a key that is not on a keypad": ([config(), edge_pb2.ConverseRequest(dtmf=edge_pb2.Dtmf(digits="5x"))],
+                                      "dtmf.digits must be"),
+    "backchannel limit out of range": ([config(interruption=edge_pb2.InterruptionConfig(backchannel_max_ms=-1))],
+                                       "interruption.backchannel_max_ms -1"),
     "frame of a few samples": ([config(input_format=audio_pb2.AudioFormat(sample_rate_hz=48000)), frame(bytes(8))],
                                "under 5 ms"),
 }

@@ -174,3 +174,41 @@ async def test_a_yes_over_the_consent_question_is_an_answer_not_a_backchannel(tm
         await call.wait(lambda: call.ended(1))
         assert call.reply_text(1) == call.settings.consent_yes_text
         assert call.session.recording is not None
+
+
+# ---------------------------------------------------------------- the caller's keypad
+
+async def test_keys_pressed_make_one_turn_ended_by_the_hash_key():
+    async with Call() as call:
+        for digits in ("4", "2", "#"):
+            call.session.on_dtmf(digits)
+            await call.settle()
+        await call.wait(lambda: call.ended(1))
+        assert [t.text for t in call.of("transcript") if t.turn_index == 1] == ["[keypad: 4 2 #]"]
+        assert call.reply_text(1) == "reply 1 to [keypad: 4 2 #]."
+
+
+async def test_keys_without_a_hash_end_their_turn_after_a_pause(monkeypatch):
+    import voicestack.edge.session as session_module
+    monkeypatch.setattr(session_module, "KEYPAD_PAUSE_S", 0.05)
+    async with Call() as call:
+        call.session.on_dtmf("7")
+        call.session.on_dtmf("3")
+        await call.wait(lambda: call.ended(1))
+        assert call.reply_text(1) == "reply 1 to [keypad: 7 3]."
+
+
+async def test_one_on_the_keypad_consents_and_the_digits_are_never_recorded(tmp_path):
+    store = recordings.VolumeStore(tmp_path)
+    call = Call(recording_settings(), recording_store=store)
+    async with call:
+        await call.wait(lambda: call.ended(0))
+        call.session.on_dtmf("1#")
+        await call.wait(lambda: call.ended(1))
+        assert call.reply_text(1) == call.settings.consent_yes_text
+        call.session.on_dtmf("1234#")
+        await call.wait(lambda: call.ended(2))
+        await call.hang_up()
+    assert recordings.read_manifest(store, "fake-session")["consent"] == "dtmf"
+    transcript = json.loads(stored(store, "transcript.json"))
+    assert [t["text"] for t in transcript if t["role"] == "user"] == ["[keypad: 5 keys]"]

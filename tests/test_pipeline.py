@@ -71,3 +71,18 @@ async def test_two_turns_keep_the_conversation(edge_address, speech_dir):
     assert [t.index for t in conversation.replies] == [1, 2]
     assert all(t.ended and t.reply_text.strip() for t in conversation.replies)
     assert "name" in words(conversation.turns[2].transcript)
+
+
+async def test_keys_pressed_are_a_turn_the_agent_answers(edge_address):
+    """A phone's keypad (Dtmf) through real processes: one keypad turn, ended by "#", heard
+    by the client as its transcript and answered by the LLM."""
+    async def caller(mic: LiveMicrophone, send):
+        await mic.wait_for(lambda: mic.turn_done(0), timeout=90)
+        for key in "42#":
+            mic.press(key)
+        await mic.wait_for(lambda: mic.turn_done(1), timeout=120)
+
+    conversation = await LiveMicrophone(edge_pb2.SessionConfig()).run(edge_address, caller)
+    keypad = conversation.turns[1]
+    assert keypad.transcript == "[keypad: 4 2 #]"
+    assert keypad.reply_text.strip() and len(keypad.audio) > 0

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.request
 import wave
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from voicestack.config import Settings
 from voicestack.launcher import START_ORDER, Stack, free_port
 from voicestack.sip.digest import client_authorization
 from voicestack.sip.gateway import SipGateway, check_settings
-from voicestack.v1 import audio_pb2, edge_pb2, edge_pb2_grpc, tools_pb2
+from voicestack.v1 import audio_pb2, edge_pb2, edge_pb2_grpc
 
 SDP_OFFER = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
              "m=audio {port} RTP/AVP {pts}\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n"
@@ -49,8 +50,7 @@ class FakeEdge(edge_pb2_grpc.EdgeServiceServicer):
         self.end_after: float | None = None  # end the stream OK this long after the tone (the agent hangs up)
         self.sessions = 0
         self.ended = 0  # streams over, however they ended
-        self.ask_digits_after: float | None = None  # then a ToolCall keypad_digits
-        self.tool_results: list = []
+        self.dtmf: list[str] = []  # the digits of every Dtmf the gateway sent
 
     async def Converse(self, request_iterator, context):
         first = await request_iterator.__anext__()
@@ -66,13 +66,9 @@ class FakeEdge(edge_pb2_grpc.EdgeServiceServicer):
             if self.end_after is not None:
                 await asyncio.sleep(self.end_after)
                 return
-            if self.ask_digits_after is not None:
-                await asyncio.sleep(self.ask_digits_after)
-                yield edge_pb2.ConverseResponse(tool_call=tools_pb2.ToolCall(id="t1", name="keypad_digits",
-                                                                             arguments_json="{}"))
             async for request in request_iterator:
-                if request.WhichOneof("kind") == "tool_result":
-                    self.tool_results.append(request.tool_result)
+                if request.WhichOneof("kind") == "dtmf":
+                    self.dtmf.append(request.dtmf.digits)
         finally:
             self.ended += 1
 
@@ -360,6 +356,58 @@ async def test_the_edge_ending_the_call_sends_bye(gateway_factory, fake_edge):
     client.close()
 
 
+# -- metrics: `voicestack serve sip` exports its calls as the stages export their streams --------
+
+def scrape(port: int) -> dict[str, float]:
+    """The gateway's Prometheus samples with stage="sip", by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.labels.get("stage") == "sip"}
+
+
+async def wait_metric(port: int, name: str, value: float, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (found := (await asyncio.to_thread(scrape, port)).get(name)) != value:
+        assert time.monotonic() < deadline, f"{name} is {found}, not {value}"
+        await asyncio.sleep(0.2)
+
+
+async def test_metrics_count_calls_for_the_autoscaler(fake_edge, tmp_path):
+    """The gateway process serves voicestack_streams_active / _capacity{stage="sip"} (what the chart's
+    autoscalers read): 1 during a call, 0 after its BYE; a refused INVITE counts as an open refused."""
+    stack = Stack(ports="free", log_dir=tmp_path)
+    name = f"sip-metrics-{free_port()}"
+    process = stack.spawn_gateway("sip", name, edge_address=fake_edge.address,
+                                  args=["--sip-transports", "udp", "--sip-rtp-ports", rtp_range(), "--sip-capacity", "1"])
+    client = None
+    try:
+        await asyncio.to_thread(stack.wait_ready, [name], 60)
+        assert process.metrics_port > 0
+        await wait_metric(process.metrics_port, "voicestack_streams_capacity", 1)
+        await wait_metric(process.metrics_port, "voicestack_streams_active", 0)
+        client = await SipClient.open(process.grpc_port)
+        client.send(client.invite("metrics-1", "z9hG4bKmet1"))
+        ok = await client.response()
+        assert ok.code == 200, ok.phrase
+        client.send(client.request("ACK", "metrics-1", "z9hG4bKmetack", 1, to_tag=to_tag(ok)))
+        await wait_metric(process.metrics_port, "voicestack_streams_active", 1)
+        # At capacity: 486, counted.
+        client.send(client.invite("metrics-2", "z9hG4bKmet2"))
+        assert (await client.response()).code == 486
+        client.send(client.request("ACK", "metrics-2", "z9hG4bKmet2", 1))
+        await wait_metric(process.metrics_port, "voicestack_stream_opens_refused_total", 1)
+        client.send(client.request("BYE", "metrics-1", "z9hG4bKmetbye", 2, to_tag=to_tag(ok)))
+        assert (await client.response()).code == 200
+        await wait_metric(process.metrics_port, "voicestack_streams_active", 0)
+    finally:
+        if client is not None:
+            client.close()
+        assert await asyncio.to_thread(stack.stop, name) == 0, process.log_path.read_text()[-3000:]
+
+
 # -- real phones: baresip ---------------------------------------------------------------------------
 
 def baresip_binary() -> str:
@@ -519,9 +567,8 @@ def test_a_phone_call_to_the_agent(stack, tmp_path):
 
 
 async def test_dtmf_from_a_phone_reaches_the_agent(fake_edge, gateway_factory, tmp_path):
-    """baresip presses 4, 2, #: RFC 4733 events, logged, and returned by the keypad_digits tool."""
-    fake_edge.ask_digits_after = 4.0
-    gateway = await gateway_factory(sip_dtmf_tool=True)
+    """baresip presses 4, 2, #: RFC 4733 events, logged, and sent to the edge as Dtmf."""
+    gateway = await gateway_factory()
     wav = caller_wav(tmp_path, "Hello.", lead_s=0.5, tail_s=30.0)
     phone = Phone(tmp_path, "dtmf-phone", wav)
     phone.dial(f"sip:agent@127.0.0.1:{gateway.ports['udp']}")
@@ -536,11 +583,11 @@ async def test_dtmf_from_a_phone_reaches_the_agent(fake_edge, gateway_factory, t
             await asyncio.to_thread(phone.command, "sndcode", digit)
             await asyncio.sleep(0.4)
         for _ in range(100):
-            if fake_edge.tool_results:
+            if len(fake_edge.dtmf) >= 3:
                 break
             await asyncio.sleep(0.1)
         assert [e["digit"] for e in gateway.events if e["kind"] == "dtmf"] == ["4", "2", "#"], gateway.events
-        assert fake_edge.tool_results and fake_edge.tool_results[0].content == "42#", fake_edge.tool_results
+        assert fake_edge.dtmf == ["4", "2", "#"]
         await asyncio.to_thread(phone.command, "hangup")
         for _ in range(100):
             if any(e["kind"] == "ended" for e in gateway.events):

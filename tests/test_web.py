@@ -363,6 +363,63 @@ async def test_drain_keeps_open_calls_and_refuses_new_ones(stack):
             process.kill()
 
 
+# ---------------------------------------------------------------- metrics, with an aiortc caller
+
+def scrape(port: int) -> dict[str, float]:
+    """The gateway's Prometheus samples with stage="web", by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.labels.get("stage") == "web"}
+
+
+async def wait_metric(port: int, name: str, value: float, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (found := (await asyncio.to_thread(scrape, port)).get(name)) != value:
+        assert time.monotonic() < deadline, f"{name} is {found}, not {value}"
+        await asyncio.sleep(0.2)
+
+
+async def test_metrics_count_calls_for_the_autoscaler(stack):
+    """`serve web` exports voicestack_streams_active / _capacity{stage="web"} on its metrics port (what
+    the chart's autoscalers read): 1 during a call, 0 once the page hangs up; an offer refused at
+    capacity counts as an open refused."""
+    gateway = start_gateway(stack, "web-metrics-test", web_capacity=1)
+    url, port = gateway.url.rstrip("/"), gateway.metrics_port
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    received: list[dict] = []
+    try:
+        await wait_metric(port, "voicestack_streams_capacity", 1)
+        await wait_metric(port, "voicestack_streams_active", 0)
+        pc.addTrack(AudioStreamTrack())
+        channel = pc.createDataChannel("events")
+        channel.on("message", lambda message: received.append(json.loads(message)))
+        await pc.setLocalDescription(await pc.createOffer())
+        async with ClientSession() as http:
+            token = (await (await http.post(f"{url}/token")).json())["token"]
+            response = await http.post(f"{url}/offer", json={"type": "offer", "sdp": pc.localDescription.sdp,
+                                                            "token": token})
+            assert response.status == 200, await response.text()
+            answer = await response.json()
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+            deadline = time.monotonic() + 60
+            while not any(e["type"] == "session_started" for e in received):
+                assert time.monotonic() < deadline, received
+                await asyncio.sleep(0.1)
+            await wait_metric(port, "voicestack_streams_active", 1)
+            # At capacity (one call): 503, counted.
+            response = await http.post(f"{url}/offer", json={"type": "offer", "sdp": "v=0"})
+            assert response.status == 503 and "capacity" in (await response.json())["error"]
+            await wait_metric(port, "voicestack_stream_opens_refused_total", 1)
+            channel.send(json.dumps({"type": "hangup"}))
+            await wait_metric(port, "voicestack_streams_active", 0)
+    finally:
+        await pc.close()
+        stack.stop(gateway.name)
+
+
 # ---------------------------------------------------------------- the agent's audio track
 
 async def test_playout_is_paced_reported_and_dropped_on_interruption():

@@ -334,6 +334,11 @@ class LiveMicrophone:
         self.changed = asyncio.Event()
         self.finished = False
         self.call_ended = False  # the server ended the call (its status is in conversation)
+        self._keys: list[str] = []  # keypad presses to send between frames
+
+    def press(self, digits: str) -> None:
+        """Keys on the phone's keypad (a Dtmf request), sent with the next frame."""
+        self._keys.append(digits)
 
     async def wait_for(self, predicate, timeout=60.0):
         deadline = time.monotonic() + timeout
@@ -371,6 +376,8 @@ class LiveMicrophone:
                 except asyncio.QueueEmpty:
                     pcm = quiet
                 yield edge_pb2.ConverseRequest(audio=edge_pb2.AudioFrame(pcm=pcm))
+                while self._keys:
+                    yield edge_pb2.ConverseRequest(dtmf=edge_pb2.Dtmf(digits=self._keys.pop(0)))
                 sent += 1
                 await asyncio.sleep(max(0.0, start + sent * FRAME_MS / 1000 - time.monotonic()))
 

@@ -19,7 +19,8 @@ GATEWAYS = ("web", "sip")
 
 # Default gRPC ports of the embedded default; in Kubernetes every pod uses 50051.
 DEFAULT_GRPC_PORTS = {"edge": 50051, "vad": 50052, "stt": 50053, "llm": 50054, "tts": 50055}
-DEFAULT_METRICS_PORTS = {"edge": 9464, "vad": 9465, "stt": 9466, "llm": 9467, "tts": 9468}
+# The gateways have no gRPC port, but a metrics port each (as the services; in Kubernetes 9464).
+DEFAULT_METRICS_PORTS = {"edge": 9464, "vad": 9465, "stt": 9466, "llm": 9467, "tts": 9468, "web": 9469, "sip": 9470}
 DEFAULT_CAPACITY = {"edge": 200, "vad": 200, "stt": 8, "llm": 4, "tts": 4}
 
 
@@ -37,7 +38,8 @@ class Settings:
     tls_key_file: str = ""
     # With a CA file, clients must present a certificate it signed (mTLS).
     tls_client_ca_file: str = ""
-    # Prometheus scrape port (0 = none).
+    # Prometheus scrape port (0 = none; unset: the service's or gateway's default port). It
+    # binds to grpc_host (a gateway: web_host / sip_host) unless VOICESTACK_METRICS_HOST says.
     metrics_port: int = -1
     # Concurrent streams this replica takes before refusing opens.
     capacity: int = 0
@@ -216,8 +218,6 @@ class Settings:
     sip_voice: str = ""
     # Offer the agent end_call (the gateway then sends BYE after its goodbye).
     sip_end_call: bool = True
-    # DTMF is logged; with this on the agent also gets a client tool `keypad_digits`.
-    sip_dtmf_tool: bool = False
     # Benchmarks only: trivial engines (no models) so the edge and the bus are the
     # bottleneck being measured. Never evidence that the pipeline works.
     cheap_engines: bool = False

@@ -257,20 +257,24 @@ class Stack:
     def spawn_gateway(self, gateway: str, name: str | None = None, args: list[str] | None = None,
                       env: dict | None = None, edge_address: str | None = None) -> Process:
         """Start a gateway ("web" or "sip") in front of the edge (this stack's, unless given);
-        not waiting for it. Its port: a free one, or its setting (--web-port / VOICESTACK_WEB_PORT)."""
+        not waiting for it. Its ports (SIP or HTTP, and metrics): free ones, or its settings
+        (--web-port / VOICESTACK_WEB_PORT, --metrics-port, else the gateway's default metrics port)."""
         name = name or gateway
         process_env = {**self.env, **(env or {})}
         settings = load_settings(gateway, environ=process_env)
-        port = free_port() if self.free_ports or name != gateway else getattr(settings, f"{gateway}_port")
+        fixed = not self.free_ports and name == gateway
+        port = getattr(settings, f"{gateway}_port") if fixed else free_port()
+        metrics_port = settings.metrics_port if fixed else free_port()
         edge_address = edge_address or self.processes["edge"].address
         command = [sys.executable, "-m", "voicestack", "serve", gateway, f"--{gateway}-port", str(port),
-                   f"--{gateway}-edge-address", edge_address, *(args or [])]
+                   "--metrics-port", str(metrics_port), f"--{gateway}-edge-address", edge_address, *(args or [])]
         log_path = self.log_dir / f"{name}.log" if self.log_dir else None
         log_offset = log_path.stat().st_size if log_path and log_path.exists() else 0
         popen = subprocess.Popen(command, stdout=self._log_file(name), stderr=subprocess.STDOUT, env=process_env,
                                  start_new_session=True)
         tls = gateway == "web" and bool(settings.web_tls_cert_file or "--web-tls-cert-file" in (args or []))
-        process = Process(name, gateway, popen, port, 0, log_path, tls=tls, replica_id=name, log_offset=log_offset)
+        process = Process(name, gateway, popen, port, metrics_port, log_path, tls=tls, replica_id=name,
+                          log_offset=log_offset)
         self.processes[name] = process
         return process
 

@@ -117,6 +117,9 @@ timeoutSeconds: {{ .probe.timeoutSeconds }}
   value: /tmp
 - name: VOICESTACK_DRAIN_SECONDS
   value: {{ include "voicestack.stage.drainSeconds" . | quote }}
+# Prometheus metrics (voicestack_streams_active / _capacity{stage="web"|"sip"}), on the listener's host (0.0.0.0).
+- name: VOICESTACK_METRICS_PORT
+  value: "9464"
 {{- with ($s.edgeApiKeySecret | default dict) }}{{ if .name }}
 # The edge's API key: from the Secret only (never a value, a flag or the page).
 - name: VOICESTACK_API_KEY
@@ -199,8 +202,6 @@ timeoutSeconds: {{ .probe.timeoutSeconds }}
 {{- end }}
 - name: VOICESTACK_SIP_END_CALL
   value: {{ .endCall | toString | quote }}
-- name: VOICESTACK_SIP_DTMF_TOOL
-  value: {{ .dtmfTool | toString | quote }}
 {{- end }}
 {{- end }}
 {{- range $k, $v := $s.env }}

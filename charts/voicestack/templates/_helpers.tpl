@@ -154,6 +154,84 @@ scaleDown:
     - {type: Pods, value: 1, periodSeconds: 60}
 {{- end }}
 
+{{/*
+The autoscaler of a stage or a gateway (context as above; the gateways' has the same shape, see
+_gateways.tpl): a KEDA ScaledObject on stream utilisation (autoscaling.keda), else an HPA on the Pods
+metric voicestack_streams_active from the Prometheus Adapter (autoscaling.hpa), else an HPA on CPU.
+*/}}
+{{- define "voicestack.autoscaler" -}}
+{{- $root := .root }}
+{{- $stage := .stage }}
+{{- $a := $stage.autoscaling }}
+{{- if $root.Values.autoscaling.keda.enabled -}}
+apiVersion: keda.sh/v1alpha1
+kind: ScaledObject
+metadata:
+  name: {{ include "voicestack.stage.fullname" . }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "voicestack.stage.labels" . | nindent 4 }}
+spec:
+  scaleTargetRef:
+    apiVersion: apps/v1
+    kind: Deployment
+    name: {{ include "voicestack.stage.fullname" . }}
+  minReplicaCount: {{ $a.minReplicas }}
+  maxReplicaCount: {{ $a.maxReplicas }}
+  pollingInterval: {{ $root.Values.autoscaling.keda.pollingInterval }}
+  advanced:
+    horizontalPodAutoscalerConfig:
+      name: {{ include "voicestack.stage.fullname" . }}
+      behavior:
+        {{- include "voicestack.stage.behavior" . | nindent 8 }}
+  triggers:
+    - type: prometheus
+      name: stream-utilisation
+      metricType: Value
+      metadata:
+        serverAddress: {{ $root.Values.autoscaling.prometheus.serverAddress | quote }}
+        query: {{ include "voicestack.stage.utilisationQuery" . | quote }}
+        threshold: {{ $a.targetUtilization | toString | quote }}
+{{- else -}}
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: {{ include "voicestack.stage.fullname" . }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "voicestack.stage.labels" . | nindent 4 }}
+spec:
+  scaleTargetRef:
+    apiVersion: apps/v1
+    kind: Deployment
+    name: {{ include "voicestack.stage.fullname" . }}
+  minReplicas: {{ $a.minReplicas }}
+  maxReplicas: {{ $a.maxReplicas }}
+  behavior:
+    {{- include "voicestack.stage.behavior" . | nindent 4 }}
+  metrics:
+    {{- if $root.Values.autoscaling.hpa.enabled }}
+    # Streams (a gateway: calls) in flight per pod, from the Prometheus Adapter (custom.metrics.k8s.io).
+    - type: Pods
+      pods:
+        metric:
+          name: voicestack_streams_active
+          selector:
+            matchLabels: {stage: {{ .name }}}
+        target:
+          type: AverageValue
+          averageValue: {{ printf "%dm" (round (mulf $stage.capacity $a.targetUtilization 1000) 0 | int) | quote }}
+    {{- else }}
+    - type: Resource
+      resource:
+        name: cpu
+        target:
+          type: Utilization
+          averageUtilization: {{ $a.targetCPUUtilization }}
+    {{- end }}
+{{- end }}
+{{- end }}
+
 {{/* A grpc.health.v1 probe on the gRPC port; TCP for an edge serving TLS (kubelet probes plaintext only). */}}
 {{- define "voicestack.stage.probe" -}}
 {{- if and (eq .ctx.name "edge") .ctx.stage.tls.secretName -}}

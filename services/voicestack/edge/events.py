@@ -59,6 +59,11 @@ class RecognitionEnded:
 
 
 @dataclass
+class KeysPressed:
+    digits: str  # the caller's keypad (Dtmf), "" when the pause after the last key is over
+
+
+@dataclass
 class ToolAnswered:
     result: edge_pb2.ToolResult  # the client's answer to a ToolCall
 

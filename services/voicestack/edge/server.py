@@ -85,6 +85,9 @@ def validate_config(config: edge_pb2.SessionConfig) -> None:
         raise invalid(f"endpointing.mode {e.mode} is unknown; use SILENCE or MODEL")
     if not 0 <= config.interruption.min_speech_ms <= 5000:
         raise invalid(f"interruption.min_speech_ms {config.interruption.min_speech_ms} is out of range 0-5000 (0 = default)")
+    if not 0 <= config.interruption.backchannel_max_ms <= 10000:
+        raise invalid(f"interruption.backchannel_max_ms {config.interruption.backchannel_max_ms} is out of range "
+                      "0-10000 (0 = default)")
     if not 0 <= config.max_reply_tokens <= 1024:
         raise invalid("max_reply_tokens must be 0-1024")
 
@@ -92,6 +95,16 @@ def validate_config(config: edge_pb2.SessionConfig) -> None:
 def wants_tools(config: edge_pb2.SessionConfig) -> bool:
     t = config.tools
     return bool(t.client_tools or t.server_tools or t.end_call)
+
+
+DTMF_KEYS = frozenset("0123456789*#ABCD")
+MAX_DTMF_DIGITS = 32
+
+
+def validate_dtmf(dtmf: edge_pb2.Dtmf) -> None:
+    digits = dtmf.digits.upper()
+    if not digits or len(digits) > MAX_DTMF_DIGITS or not set(digits) <= DTMF_KEYS:
+        raise invalid(f"dtmf.digits must be 1-{MAX_DTMF_DIGITS} of 0-9, *, #, A-D; got {dtmf.digits[:40]!r}")
 
 
 def validate_tool_result(result: edge_pb2.ToolResult) -> None:
@@ -337,12 +350,15 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 elif kind == "tool_result":
                     validate_tool_result(request.tool_result)
                     session.on_tool_result(request.tool_result)
+                elif kind == "dtmf":
+                    validate_dtmf(request.dtmf)
+                    session.on_dtmf(request.dtmf.digits)
                 elif kind == "config":
                     raise invalid("SessionConfig was already sent; send it once, first")
                 elif kind == "malformed":
                     raise invalid("malformed ConverseRequest: not a valid protobuf (check the message type and UTF-8 strings)")
                 else:
-                    raise invalid("empty ConverseRequest; set config, audio, playback or tool_result")
+                    raise invalid("empty ConverseRequest; set config, audio, playback, tool_result or dtmf")
             session.finish_input()
         except ServiceError as error:
             session.fail(error)

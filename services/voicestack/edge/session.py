@@ -34,8 +34,9 @@ import grpc
 
 from voicestack import llm
 from voicestack.audio import PIPELINE_RATE, VAD_WINDOW_SAMPLES, float_to_pcm16, level_dbfs, pcm16_to_float, resample
-from voicestack.edge.events import (AudioIn, Failed, HooksToInbox, InputEnded, Playback, RecognitionEnded,
-                                    ReplyDone, ToolAnswered, Transcribed, Transcript, VadDecision)
+from voicestack.edge.events import (AudioIn, Failed, HooksToInbox, InputEnded, KeysPressed, Playback,
+                                    RecognitionEnded, ReplyDone, ToolAnswered, Transcribed, Transcript,
+                                    VadDecision)
 from voicestack.edge.generation import GenerationContext, perform_reply
 from voicestack.edge.observer import TurnObserver, TurnRecord
 from voicestack.edge.processing import NO_PROCESSORS, ProcessorChain
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 MAX_HISTORY_MESSAGES = 120  # after the system prompt (the LLM stage takes 200)
 INBOX_HIGH = 200  # events: a client sending faster than the session keeps up waits here
+KEYPAD_PAUSE_S = 2.0  # keys pressed, then this long without another: the keypad turn ends (or at "#")
 RECORDINGS_CLOSING: set[asyncio.Task] = set()  # recordings being stored after their calls ended
 SYSTEM, USER, ASSISTANT = llm_pb2.CHAT_ROLE_SYSTEM, llm_pb2.CHAT_ROLE_USER, llm_pb2.CHAT_ROLE_ASSISTANT
 
@@ -140,6 +142,8 @@ class Session:
         self.monologue: list[str] = []  # parts of a long utterance, not yet answered
         self.speculative_hits = self.speculative_misses = self.interruptions = self.backchannels = 0
         self.input_ended = self.recognition_ended = False
+        self.keypad = ""  # keys pressed for the keypad turn not yet ended
+        self._keypad_timer: asyncio.TimerHandle | None = None
         self._group: asyncio.TaskGroup | None = None
         self._runner: asyncio.Task | None = None
         self._started = asyncio.Event()
@@ -200,6 +204,8 @@ class Session:
         return task
 
     async def _stop_everything(self) -> None:
+        if self._keypad_timer is not None:
+            self._keypad_timer.cancel()
         for handle in list(self.replies):
             handle.interrupt()
         for turn in [self.user, *self.finishing.values()]:
@@ -243,6 +249,9 @@ class Session:
     def on_tool_result(self, result: edge_pb2.ToolResult) -> None:
         self.inbox.put_nowait(ToolAnswered(result))
 
+    def on_dtmf(self, digits: str) -> None:
+        self.inbox.put_nowait(KeysPressed(digits.upper()))
+
     # ------------------------------------------------------------ decisions
 
     async def _handle(self, event) -> None:
@@ -278,6 +287,8 @@ class Session:
                 await self._end_user_turn(self.recognition.audio_ms)
         elif isinstance(event, ToolAnswered):
             self.generation.client_tools.answer(event.result)
+        elif isinstance(event, KeysPressed):
+            await self._on_keys(event.digits)
         elif isinstance(event, Failed):
             self.output.close(event.error)
 
@@ -402,6 +413,45 @@ class Session:
                 log.warning("session %s turn %d: agent text not recorded: %s", self.id, index, error)
                 self.recording.writer.mark_gap(f"turn {index}: agent text not recorded ({error.stage})")
         await self.recording.close()
+
+    async def _on_keys(self, digits: str) -> None:
+        """The caller's keypad: keys gather into one turn, ended by "#" or by a pause."""
+        if self._keypad_timer is not None:
+            self._keypad_timer.cancel()
+            self._keypad_timer = None
+        self.keypad += digits
+        if not self.keypad:
+            return
+        if digits and "#" not in digits:
+            loop = asyncio.get_running_loop()
+            self._keypad_timer = loop.call_later(KEYPAD_PAUSE_S, self.inbox.put_nowait, KeysPressed(""))
+            return
+        keys, self.keypad = self.keypad, ""
+        self.turn_count += 1
+        index = self.turn_count
+        now = time.monotonic()
+        record = self.observer.turn(index)
+        record.end_of_speech = now  # (voice-to-voice: from the last key to the first audio)
+        turn = UserTurn(Utterance(index, self.recognition.audio_ms, self.recognition.audio_ms, now), record,
+                        decided_at=now)
+        if self.awaiting_consent:  # phone lines say "press 1 to agree" in their consent_text
+            self.awaiting_consent = False
+            agreed = keys.startswith("1")
+            if agreed:
+                self._start_recording("dtmf")
+            self._say(turn, self.settings.consent_yes_text if agreed else self.settings.consent_no_text)
+            return
+        text = f"[keypad: {' '.join(keys)}]"
+        self.output.send(transcript=edge_pb2.Transcript(turn_index=index, text=text, is_final=True))
+        if self.recording is not None:  # keys may be a PIN or a card number: how many, not which
+            self.recording.transcript(index, "user", f"[keypad: {len(keys)} keys]")
+        try:
+            if self.processors.applies("user"):
+                text = await self.processors.run(text, "user", record.span)
+        except StageError as error:
+            self._end_turn(index, record, error=error)
+            return
+        self._answer(turn, text)
 
     def _heard_backchannel(self, turn: UserTurn, text: str) -> bool:
         """Speech over the agent has its final transcript: a backchannel ends unanswered and

@@ -33,9 +33,9 @@ One call:
   then BYE. The caller's BYE (or CANCEL) -> the stream is cancelled. No ACK within 32 s, no
   RTP for sip_rtp_timeout_seconds, or the drain deadline -> BYE.
 
-DTMF (RFC 4733 events, or SIP INFO application/dtmf-relay) is logged as an event; Converse has
-no DTMF message yet, so with sip_dtmf_tool the agent gets a client tool `keypad_digits` that
-returns the digits pressed since it last asked (a ToolCall/ToolResult, within the contract).
+DTMF (RFC 4733 events, or SIP INFO application/dtmf-relay) is logged as an event and sent to
+the edge as a Converse `Dtmf`: the edge makes the keys one keypad turn (ended by "#" or a
+pause) that the LLM reads as "[keypad: 4 2 #]"; "1" answers the recording consent question.
 
 Every call's milestones are logged as `EVENT {json}` lines (call, kind, ...): what tests and
 operators grep for.
@@ -57,6 +57,7 @@ import grpc
 from aiortp import PortAllocator
 from sipmessage import URI, CSeq, Message, Request, Response, Via
 
+from voicestack import telemetry
 from voicestack.client import edge_channel, edge_metadata
 from voicestack.config import Settings, edge_api_key, public_view
 from voicestack.sip.digest import DigestAuth
@@ -68,7 +69,7 @@ from voicestack.sip.sdp import (
     new_session_id,
     parse_offer,
 )
-from voicestack.v1 import audio_pb2, edge_pb2, edge_pb2_grpc, tools_pb2
+from voicestack.v1 import audio_pb2, edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger("voicestack.sip")
 
@@ -78,7 +79,6 @@ T1, T2 = 0.5, 4.0  # RFC 3261 timers (s)
 TRANSACTION_SECONDS = 64 * T1  # Timer B/F/H/J: 32 s
 MAX_MESSAGE_BYTES = 65535
 KNOWN_METHODS = {"REGISTER", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER", "UPDATE", "PRACK"}
-DTMF_TOOL = "keypad_digits"
 PHRASES = {
     100: "Trying", 180: "Ringing", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
     405: "Method Not Allowed", 415: "Unsupported Media Type", 420: "Bad Extension",
@@ -229,8 +229,6 @@ class Call:
         self.interrupted_turns: set[int] = set()
         self.current_turn = 0
         self.reported: dict[int, int] = {}
-        self.digits = ""  # DTMF not yet read by the agent
-        self.all_digits = ""
         self.hangup_reason = ""
         self.created = time.monotonic()
 
@@ -253,12 +251,6 @@ class Call:
                                                channels=1),
             system_prompt=s.sip_system_prompt, greeting=s.sip_greeting, voice=s.sip_voice)
         config.tools.end_call = s.sip_end_call
-        if s.sip_dtmf_tool:
-            config.tools.client_tools.append(edge_pb2.ClientTool(definition=tools_pb2.ToolDefinition(
-                name=DTMF_TOOL,
-                description="The digits the caller pressed on the phone's keypad since you last asked "
-                            "(empty if none). Use it after asking the caller to type a number.",
-                parameters_json=json.dumps({"type": "object", "properties": {}}))))
         return config
 
     # -- the call's life ----------------------------------------------------------------
@@ -363,9 +355,9 @@ class Call:
             pass
 
     def _dtmf(self, digit: str, duration: int) -> None:
-        self.digits += digit
-        self.all_digits += digit
         self.event("dtmf", digit=digit, duration_ms=duration * 1000 // PHONE_RATE)
+        with contextlib.suppress(asyncio.QueueFull):  # (the edge stopped reading: it ends the call itself)
+            self.uplink.put_nowait(edge_pb2.ConverseRequest(dtmf=edge_pb2.Dtmf(digits=digit)))
 
     def dtmf_info(self, body: bytes) -> None:
         """SIP INFO application/dtmf-relay: Signal=5, Duration=160."""
@@ -450,12 +442,7 @@ class Call:
             # Phone calls keep their conversation: the call goes on until the edge ends it.
             self.event("go_away", reason=body.reason, deadline_ms=body.deadline_ms)
         elif kind == "tool_call":
-            if body.name == DTMF_TOOL:
-                result = edge_pb2.ToolResult(call_id=body.id, content=self.digits)
-                self.event("dtmf_read", digits=self.digits)
-                self.digits = ""
-            else:
-                result = edge_pb2.ToolResult(call_id=body.id, error=f"the phone gateway has no tool {body.name!r}")
+            result = edge_pb2.ToolResult(call_id=body.id, error=f"the phone gateway has no tool {body.name!r}")
             with contextlib.suppress(asyncio.QueueFull):
                 self.uplink.put_nowait(edge_pb2.ConverseRequest(tool_result=result))
 
@@ -526,6 +513,7 @@ class SipGateway:
         self._stub = None
         self._tasks: set[asyncio.Task] = set()
         self.calls_total = 0
+        self.meters: telemetry.Meters | None = None  # `serve sip` sets it: refusals count as opens refused
 
     # -- life ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -807,6 +795,7 @@ class SipGateway:
         if self.draining:
             self.respond(request, 503, source, headers={"Retry-After": "30"}, reason="Service Unavailable (draining)")
             self.event(None, "refused", code=503, reason="draining")
+            self._count_refused()
             return
         if self.auth is not None:
             state = self.auth.check("INVITE", request.headers.get("Authorization"))
@@ -822,6 +811,7 @@ class SipGateway:
             headers = {"Retry-After": "10"} if code == 503 else {}
             self.send_final_error(request, self.build_response(request, code, to_tag=new_tag(), headers=headers), source)
             self.event(None, "refused", code=code, reason="at capacity")
+            self._count_refused()
             return
         content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if not request.body:
@@ -851,6 +841,11 @@ class SipGateway:
         call.task = asyncio.create_task(call.run())
         self._tasks.add(call.task)
         call.task.add_done_callback(self._tasks.discard)
+
+    def _count_refused(self) -> None:
+        """voicestack_stream_opens_refused_total{stage="sip"}: at capacity or draining."""
+        if self.meters is not None:
+            self.meters.opens_refused.add(1, {"stage": "sip"})
 
     def _on_reinvite(self, request: Request, source: Source) -> None:
         call = self.calls.get(request.call_id)
@@ -988,8 +983,11 @@ class SipGateway:
 
 async def serve(settings: Settings, api_key: str = "") -> None:
     """Run until SIGTERM/SIGINT, then drain: new INVITEs get 503, open calls go on up to
-    drain_seconds, then get a BYE."""
+    drain_seconds, then get a BYE. Prometheus metrics on settings.metrics_port, as the stages'
+    (calls in flight and capacity: voicestack_streams_active / _capacity{stage="sip"})."""
     gateway = SipGateway(settings, api_key)
+    gateway.meters = telemetry.setup("sip", settings.metrics_port, settings.sip_host)
+    gateway.meters.observe_streams(lambda: len(gateway.calls), lambda: settings.sip_capacity)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1000,6 +998,7 @@ async def serve(settings: Settings, api_key: str = "") -> None:
     log.info("SIGTERM: new calls get 503, open ones have %.0f s", settings.drain_seconds)
     await gateway.drain(settings.drain_seconds)
     await gateway.close()
+    telemetry.shutdown()
     log.info("stopped (%d calls)", gateway.calls_total)
 
 
@@ -1009,7 +1008,7 @@ def run(settings: Settings) -> None:
     check_settings(settings)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s sip %(levelname)s %(name)s: %(message)s")
     view = {k: v for k, v in public_view(settings).items()
-            if k.startswith("sip_") or k in ("drain_seconds", "log_level")}
+            if k.startswith("sip_") or k in ("metrics_port", "drain_seconds", "log_level")}
     log.info("starting with %s", json.dumps(view))  # (secrets masked; the API key is no setting)
     asyncio.run(serve(settings, edge_api_key()))
 

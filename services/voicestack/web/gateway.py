@@ -53,6 +53,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from google.protobuf import json_format
 
+from voicestack import telemetry
 from voicestack.audio import PIPELINE_RATE
 from voicestack.client import edge_channel, edge_metadata
 from voicestack.config import Settings, edge_api_key, public_view
@@ -478,8 +479,9 @@ async def security_headers(request, handler):
 
 
 class Gateway:
-    def __init__(self, settings: Settings, api_key: str = ""):
+    def __init__(self, settings: Settings, api_key: str = "", meters: telemetry.Meters | None = None):
         self.settings = settings
+        self.meters = meters  # telemetry.setup's, in `serve web`: calls refused here count as opens refused
         self.api_key = api_key  # for the edge only: never sent to the page, never logged
         self.tokens = TokenIssuer(settings.web_token_ttl_seconds)
         self.calls: set[Call] = set()
@@ -545,10 +547,10 @@ class Gateway:
         if not self._origin_allowed(request):
             return json_error(403, "offers are taken from the gateway's own page only (see web_allowed_origins)")
         if self.draining:
-            self.refused += 1
+            self._refuse()
             return json_error(503, "the gateway is shutting down: try again shortly", **{"Retry-After": "5"})
         if len(self.calls) >= self.settings.web_capacity:
-            self.refused += 1
+            self._refuse()
             return json_error(503, f"the gateway is at capacity ({self.settings.web_capacity} calls): "
                                    "try again shortly",
                               **{"Retry-After": "5"})
@@ -590,6 +592,12 @@ class Gateway:
         except BaseException:
             await call.close("gateway error")
             raise
+
+    def _refuse(self) -> None:
+        """A call refused by this gateway (at capacity or draining): voicestack_stream_opens_refused_total{stage="web"}."""
+        self.refused += 1
+        if self.meters:
+            self.meters.opens_refused.add(1, {"stage": "web"})
 
     async def _answer(self, call: Call, pc: RTCPeerConnection, sdp: str) -> web.Response:
         @pc.on("datachannel")
@@ -662,8 +670,11 @@ class BadOffer(Exception):
 
 async def serve(settings: Settings, api_key: str = "", ready=None) -> None:
     """Run until SIGTERM/SIGINT, then drain: new offers get 503, open calls go on up to
-    drain_seconds."""
-    gateway = Gateway(settings, api_key)
+    drain_seconds. Prometheus metrics on settings.metrics_port (as the stages: calls in flight and
+    capacity as voicestack_streams_active / _capacity{stage="web"}, the autoscaling signal)."""
+    meters = telemetry.setup("web", settings.metrics_port, settings.web_host)
+    gateway = Gateway(settings, api_key, meters)
+    meters.observe_streams(lambda: len(gateway.calls), lambda: settings.web_capacity)
     runner = web.AppRunner(gateway.app(), handle_signals=False, access_log=None)
     await runner.setup()
     context = None
@@ -677,14 +688,16 @@ async def serve(settings: Settings, api_key: str = "", ready=None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     scheme = "https" if context else "http"
-    log.info("ready on %s://%s:%d/ (edge %s, tokens %s)", scheme, settings.web_host, settings.web_port,
-             settings.web_edge_address, "required" if gateway.token_required else "optional")
+    log.info("ready on %s://%s:%d/ (edge %s, tokens %s, metrics port %d)", scheme, settings.web_host,
+             settings.web_port, settings.web_edge_address, "required" if gateway.token_required else "optional",
+             settings.metrics_port)
     if ready is not None:
         ready.set()
     await stop.wait()
     log.info("SIGTERM: new calls get 503, open ones have %.0f s", settings.drain_seconds)
     await gateway.drain(settings.drain_seconds)
     await runner.cleanup()
+    telemetry.shutdown()
     log.info("stopped (%d calls served, %d refused)", gateway.served, gateway.refused)
 
 
@@ -696,6 +709,6 @@ def run(settings: Settings) -> None:
     logging.getLogger("aioice").setLevel(logging.WARNING)
     logging.getLogger("aiortc").setLevel(logging.WARNING)
     view = {k: v for k, v in public_view(settings).items()
-            if k.startswith("web_") or k in ("drain_seconds", "log_level")}
+            if k.startswith("web_") or k in ("metrics_port", "drain_seconds", "log_level")}
     log.info("starting with %s", json.dumps(view))  # (secrets masked; the API key is no setting)
     asyncio.run(serve(settings, edge_api_key()))
