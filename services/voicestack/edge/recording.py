@@ -21,7 +21,7 @@ import logging
 import re
 
 from voicestack import recordings
-from voicestack.audio import PIPELINE_RATE
+from voicestack.audio import PIPELINE_RATE, float_to_pcm16, pcm16_to_float, resample
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ class CallRecording:
 
     def agent_audio(self, pcm: bytes, sample_rate: int) -> None:
         if sample_rate != AGENT_RATE:  # (the embedded TTS speaks at 24 kHz; a GPU one may not)
-            from voicestack.audio import float_to_pcm16, pcm16_to_float, resample
             pcm = float_to_pcm16(resample(pcm16_to_float(pcm), sample_rate, AGENT_RATE))
         now = self._user_samples * AGENT_RATE // PIPELINE_RATE
         if now > self._agent_samples:  # silence up to where the caller's audio has got

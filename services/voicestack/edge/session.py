@@ -66,7 +66,8 @@ class UserTurn:
     utterance: Utterance
     record: TurnRecord
     over_agent: bool = False  # began while the agent spoke: interrupts once long enough
-    heard_over_agent: str = ""  # its latest interim transcript, while it is over the agent
+    # Nothing but a backchannel heard of it so far (its latest interim, while over the agent).
+    only_backchannel: bool = True
     # Over the agent, long enough, but no more than a backchannel so far: the final
     # transcript decides (a backchannel is dropped, anything else interrupts then).
     backchannel_pending: bool = False
@@ -265,7 +266,7 @@ class Session:
                 self.output.send(transcript=edge_pb2.Transcript(turn_index=turn.index, text=event.text,
                                                                 is_final=event.is_final))
             elif turn is not None and turn is self.user:  # its words may be what makes it an interruption
-                turn.heard_over_agent = event.text
+                turn.only_backchannel = is_backchannel(event.text)
                 self._maybe_barge_in(turn)
         elif isinstance(event, Transcribed):
             await self._on_transcribed(event)
@@ -685,7 +686,7 @@ class Session:
         spoken_ms = self.recognition.audio_ms - u.utterance.speech_ms
         if spoken_ms < tt.barge_in_min_speech_ms or not tt.interruptible or not reply.interruptible_now():
             return
-        if tt.ignore_backchannels and spoken_ms < tt.backchannel_max_ms and is_backchannel(u.heard_over_agent):
+        if tt.ignore_backchannels and spoken_ms < tt.backchannel_max_ms and u.only_backchannel:
             return  # nothing but "mm-hm" heard so far: wait for its words
         self._barge_in(u, reply)
 

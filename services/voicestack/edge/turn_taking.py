@@ -92,7 +92,8 @@ BACKCHANNEL = re.compile(rf"(?:\b(?:{HUM}|{BACKCHANNEL_WORDS})\b ?)+")
 
 def is_backchannel(text: str) -> bool:
     """Whether a transcript of speech over the agent is only a backchannel (or nothing)."""
-    return BACKCHANNEL.fullmatch(normalized(text)) is not None or not normalized(text)
+    words = normalized(text)
+    return not words or BACKCHANNEL.fullmatch(words) is not None
 
 
 def normalized(text: str) -> str:
