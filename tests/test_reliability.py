@@ -550,50 +550,45 @@ async def test_nats_cluster_node_loss_mid_session(clustered, question):
 
 
 async def test_a_full_stage_refuses_the_second_utterance(guarded, question):
-    """The only STT takes one stream: of two utterances at once, one is transcribed and
-    the other gets RESOURCE_EXHAUSTED as an Error event (stage "stt"); that session goes
-    on, and its next try is served once the STT is free."""
+    """The only STT takes one stream: of two callers, the one who starts speaking while
+    the other's words are being transcribed gets RESOURCE_EXHAUSTED as an Error event
+    (stage "stt"); that session goes on, and its next try is served once the STT is free."""
     address = guarded.processes["edge"].address
     both_listening = asyncio.Barrier(2)
-    scripts: list[LiveMicrophone] = []
-
-    def refused(script: LiveMicrophone) -> bool:
-        return any(e.stage == "stt" for e in script.conversation.errors)
+    first, second = LiveMicrophone(session_config()), LiveMicrophone(session_config())
 
     async def speaker(script: LiveMicrophone, send):
         await script.wait_for(lambda: script.turn_done(0), 60)
         await both_listening.wait()
+        if script is second:
+            # Well after the first caller's stream took the STT's only place: an open that
+            # races the replica leaving its queue group waits for the overflow subject and
+            # may find the STT free again, which is right but not what this test checks.
+            await asyncio.sleep(0.8)
         await send(question)
         await script.wait_for(lambda: script.turn_done(1) or script.call_ended, 90)
-        if refused(script):  # try again once the other caller's turn is through
-            other = next(s for s in scripts if s is not script)
-            await script.wait_for(lambda: other.turn_done(1), 90)
+        if script is second:
+            await script.wait_for(lambda: first.turn_done(1), 90)
             await send(question)
             await script.wait_for(lambda: script.turn_done(2) or script.call_ended, 90)
-        else:
-            await script.wait_for(lambda: any(s.turn_done(2) for s in scripts) or script.call_ended, 120)
-
-    scripts[:] = [LiveMicrophone(session_config()), LiveMicrophone(session_config())]
 
     async def watch_other(script: LiveMicrophone):  # wake a waiting script when the other changes
         while not script.finished:
             await asyncio.sleep(0.2)
             script.changed.set()
 
-    watchers = [asyncio.create_task(watch_other(s)) for s in scripts]
+    watchers = [asyncio.create_task(watch_other(s)) for s in (first, second)]
     try:
-        await asyncio.gather(*(s.run(address, speaker) for s in scripts))
+        await asyncio.gather(*(s.run(address, speaker) for s in (first, second)))
     finally:
         for w in watchers:
             w.cancel()
-    losers = [s for s in scripts if refused(s)]
-    assert len(losers) == 1, [[(e.stage, e.message) for e in s.conversation.errors] for s in scripts]
-    [error] = losers[0].conversation.errors
-    assert code_from_int(error.code) == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+    assert not first.conversation.errors, first.conversation.errors
+    assert {"capital", "france"} <= set(words(first.conversation.turns[1].transcript))
+    [error] = second.conversation.errors
+    assert error.stage == "stt" and code_from_int(error.code) == grpc.StatusCode.RESOURCE_EXHAUSTED, error
     assert "capacity" in error.message and "retry" in error.message, error.message
-    winner = next(s for s in scripts if s is not losers[0])
-    assert {"capital", "france"} <= set(words(winner.conversation.turns[1].transcript))
-    retried = losers[0].conversation.turns[2]
+    retried = second.conversation.turns[2]
     assert {"capital", "france"} <= set(words(retried.transcript)) and retried.reply_text
 
 

@@ -230,6 +230,13 @@ class EdgeService:
                                                         deadline_ms=int(deadline_seconds * 1000)))
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._no_calls.wait(), deadline_seconds)
+        # Calls still open at the deadline end here with UNAVAILABLE, a status the client
+        # can act on; left to the gRPC server's stop, they end as CANCELLED or INTERNAL.
+        for session in list(self.sessions.values()):
+            session.output.close(ServiceError(grpc.StatusCode.UNAVAILABLE,
+                                              "edge replica shut down at its drain deadline; reconnect"))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._no_calls.wait(), 2.0)
         if self.stages:
             await self.stages.close()
         if self.server_tools:
