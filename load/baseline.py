@@ -301,7 +301,7 @@ async def bus_hop(nats_url: str, messages: int = 2000, warmup: int = 200, opens:
 def run_bus_hop(messages: int = 2000) -> dict:
     from voicestack.launcher import Stack
 
-    stack = Stack(ports="free")
+    stack = Stack(ports="free", nats_auth=False)  # (its "hop" stage is no role of bus_permissions.py)
     stack.start_nats()
     try:
         return asyncio.run(bus_hop(stack.nats_url, messages))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import urllib.request
 from concurrent import futures
 from pathlib import Path
@@ -95,3 +97,19 @@ def receiver():
     server.start()
     yield sink, port
     server.stop(None)
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """helm v3 from the venv (tools/get_helm.py puts it there); fetched once if missing."""
+    path = Path(os.environ.get("HELM") or Path(sys.executable).parent / "helm")
+    if not path.exists():
+        fetched = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "get_helm.py"), str(path)],
+                                 capture_output=True, text=True, timeout=600)
+        if fetched.returncode != 0:
+            pytest.fail(f"helm is not installed at {path} and tools/get_helm.py could not fetch it "
+                        f"(`make test` installs it):\n{fetched.stderr[-2000:]}")
+    version = subprocess.run([str(path), "version", "--template", "{{.Version}}"],
+                             capture_output=True, text=True).stdout.strip()
+    assert version.startswith("v3."), f"{path} is helm {version!r}; the chart is tested with helm 3 (`make test` installs it)"
+    return str(path)

@@ -17,7 +17,8 @@ once the script is used up:
                    its arguments' JSON in pieces of `fragment_chars`; the last chunk has
                    finish_reason `tool_finish` ("tool_calls"), then [DONE]
 
-Only `stream: true` is served (all OpenAIEngine sends). GET /v1/models lists `model`.
+Only `stream: true` is served (all OpenAIEngine sends). GET /v1/models lists `model`;
+GET /health answers 200 while `healthy` is true, 503 (as vLLM while it loads) when not.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class FlakyLlmServer:
         self.tool_text = tool_text
         self.fragment_chars = fragment_chars
         self.tool_finish = tool_finish
+        self.healthy = True
+        self.session_keys: list[str | None] = []  # the x-user-id header of each chat request (session affinity)
         self.requests: list[tuple[str, dict]] = []  # (behaviour, request body) for every chat request served
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
@@ -128,6 +131,8 @@ def _handler_for(server: FlakyLlmServer):
             pass
 
         def do_GET(self) -> None:
+            if self.path.rstrip("/") == "/health":
+                return self._json(200 if server.healthy else 503, {})
             if self.path.rstrip("/") != "/v1/models":
                 return self._json(404, {"error": {"message": f"no route {self.path}"}})
             self._json(200, {"object": "list", "data": [{"id": server.model, "object": "model", "owned_by": "tests"}]})
@@ -138,6 +143,7 @@ def _handler_for(server: FlakyLlmServer):
                 return self._json(404, {"error": {"message": f"no route {self.path}"}})
             if not body.get("stream"):
                 return self._json(400, {"error": {"message": "this test server only streams: send stream: true"}})
+            server.session_keys.append(self.headers.get("x-user-id"))
             behaviour = server._next(body)
             if behaviour == "error_first":
                 return self._json(500, {"error": {"message": "scripted failure before any token",

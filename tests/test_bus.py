@@ -145,6 +145,55 @@ async def test_an_open_asking_for_an_endless_peer_timeout_gets_the_maximum(stage
     await endpoint.close()
 
 
+async def test_a_replica_not_ready_stays_out_of_the_queue_group_and_refuses_as_unavailable(stage, stage_nc, client):
+    """An LLM replica whose model server is down (#17): no open reaches it through the
+    queue group, one sent to it anyway is refused UNAVAILABLE; once ready it serves."""
+    ready = False
+    endpoint = StageEndpoint(stage_nc, stage, "r1", 4, echo, REQUEST, ready=lambda: ready)
+    await endpoint.start()
+    await stage_nc.flush()
+    with pytest.raises(nats.errors.NoRespondersError):
+        await client.nc.request(open_subject(stage), b"", timeout=1)
+    with pytest.raises(StageError) as refused:
+        await client.open(contract(stage))
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE and "not ready" in refused.value.message
+
+    ready = True
+    await endpoint.update_queue_membership()
+    await stage_nc.flush()
+    async with await client.open(contract(stage), audio(3)) as stream:
+        await stream.end()
+        assert [output.offset_ms async for output in stream] == [6]
+
+    ready = False  # the server went down again: out of the group at the next check
+    await endpoint.update_queue_membership()
+    await stage_nc.flush()
+    with pytest.raises(nats.errors.NoRespondersError):
+        await client.nc.request(open_subject(stage), b"", timeout=1)
+    await endpoint.close()
+
+
+async def test_a_named_open_to_a_busy_replica_goes_to_the_group(stage, stage_nc, client):
+    """Affinity (#18) asks the session's last replica by name; one that would queue the
+    stream (takes_named false: llama.cpp mid-generation) sends it to the group at once,
+    which is no refusal."""
+    asked = []
+
+    def takes_named() -> bool:
+        asked.append(True)
+        return False
+
+    endpoint = StageEndpoint(stage_nc, stage, "r1", 4, echo, REQUEST, takes_named=takes_named)
+    await endpoint.start()
+    await stage_nc.flush()
+    async with await client.open(contract(stage), audio(2), replica="r1") as stream:
+        await stream.end()
+        assert [output.offset_ms async for output in stream] == [4]
+    assert asked == [True]  # asked once, for the named open; the group's open was taken
+    assert endpoint.stats.opens_refused == 0 and endpoint.stats.streams_served == 1
+    await endpoint.close()
+
+
 # ---------------------------------------------------------------- malformed messages (#20 item 9)
 
 

@@ -157,22 +157,6 @@ FILE_VARIANTS = ["default", "gpu", "keda", "cpu-minimal"]
 # ---------------------------------------------------------------- helm and rendering
 
 
-@pytest.fixture(scope="session")
-def helm() -> str:
-    """helm v3 from the venv (tools/get_helm.py puts it there); fetched once if missing."""
-    path = Path(os.environ.get("HELM") or Path(sys.executable).parent / "helm")
-    if not path.exists():
-        fetched = subprocess.run([sys.executable, str(ROOT / "tools" / "get_helm.py"), str(path)],
-                                 capture_output=True, text=True, timeout=600)
-        if fetched.returncode != 0:
-            pytest.fail(f"helm is not installed at {path} and tools/get_helm.py could not fetch it "
-                        f"(`make test` installs it):\n{fetched.stderr[-2000:]}")
-    version = subprocess.run([str(path), "version", "--template", "{{.Version}}"],
-                             capture_output=True, text=True).stdout.strip()
-    assert version.startswith("v3."), f"{path} is helm {version!r}; the chart is tested with helm 3 (`make test` installs it)"
-    return str(path)
-
-
 def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([helm, *args], cwd=CHART, capture_output=True, text=True, timeout=120)
 
@@ -223,6 +207,21 @@ def cronjob_pod_spec(cronjob: dict) -> dict:
 
 def stage_container(stage: str, deployment: dict) -> dict:
     return next(c for c in pod_spec(deployment)["containers"] if c["name"] == stage)
+
+
+def running_containers(spec: dict) -> list[dict]:
+    """The containers that run beside each other: the ordinary ones and the native sidecars (init
+    containers with restartPolicy Always, as vLLM is by default: stages.<pool>.vllm.mode native)."""
+    sidecars = [c for c in spec.get("initContainers", []) if c.get("restartPolicy") == "Always"]
+    return sidecars + spec["containers"]
+
+
+def all_containers(spec: dict) -> list[dict]:
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def vllm_container(deployment: dict) -> dict | None:
+    return next((c for c in running_containers(pod_spec(deployment)) if c["name"] == "vllm"), None)
 
 
 def env_of(container: dict) -> dict[str, dict]:
@@ -312,7 +311,7 @@ def test_scaled_objects_match_keda_crd(helm, name):
 def test_gpu_stages_request_gpus(docs, variant):
     expected = VARIANTS[variant][1]
     for stage, deployment in deployments(docs).items():
-        containers = pod_spec(deployment)["containers"]
+        containers = running_containers(pod_spec(deployment))
         limits = sum(int(c["resources"].get("limits", {}).get(GPU, 0)) for c in containers)
         requests = sum(int(c["resources"].get("requests", {}).get(GPU, 0)) for c in containers)
         if stage in expected:
@@ -337,8 +336,8 @@ def test_every_container_is_hardened_and_sized(docs):
     for owner, spec in all_pod_specs(docs):
         pod_security = spec.get("securityContext", {})
         assert pod_security.get("runAsNonRoot") is True, owner
-        writable = {m["mountPath"] for c in spec["containers"] for m in c.get("volumeMounts", [])}
-        for c in spec["containers"]:
+        writable = {m["mountPath"] for c in all_containers(spec) for m in c.get("volumeMounts", [])}
+        for c in all_containers(spec):
             where = f"{owner}/{c['name']}"
             security = {**pod_security, **c.get("securityContext", {})}
             assert security.get("runAsNonRoot") is True, where
@@ -374,7 +373,7 @@ def test_every_container_has_probes(docs, variant):
     tls_edge = edge_serves_tls(docs)
     assert tls_edge == (variant in ("secured", "sip-loadbalancer"))
     for stage, deployment in deployments(docs).items():
-        for c in pod_spec(deployment)["containers"]:
+        for c in running_containers(pod_spec(deployment)):
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                 assert probe in c, f"{stage}/{c['name']} has no {probe}"
             if c["name"] == stage:
@@ -495,6 +494,10 @@ def test_drain_deadline_fits_the_grace_period(docs):
         for sidecar in (c for c in spec["containers"] if c["name"] != stage):
             # A sidecar the stage depends on (vLLM) must outlive the drain, and still end in time.
             assert pre_stop + drain <= prestop_sleep(sidecar) < grace, f"{stage}/{sidecar['name']}"
+        for sidecar in (c for c in spec.get("initContainers", []) if c.get("restartPolicy") == "Always"):
+            # A native sidecar is stopped by the kubelet only after the stage has exited: a preStop sleep
+            # would only hold the pod past its drain.
+            assert "lifecycle" not in sidecar, f"{stage}/{sidecar['name']}"
 
 
 def test_environment_is_the_services_runtime_contract(docs):
@@ -524,7 +527,7 @@ def test_environment_is_the_services_runtime_contract(docs):
             assert settings.llm_routing in ("auto", "fast")
         if service_of(stage) == "llm":
             assert settings.llm_pool == stage, "a replica serves the pool its Deployment is for"
-            vllm = [c for c in pod_spec(deployment)["containers"] if c["name"] == "vllm"]
+            vllm = [c for c in running_containers(pod_spec(deployment)) if c["name"] == "vllm"]
             if vllm:
                 port = vllm[0]["ports"][0]["containerPort"]
                 assert settings.llm_engine == "openai" and settings.llm_url == f"http://127.0.0.1:{port}/v1"
@@ -571,7 +574,7 @@ def test_network_policies_expose_only_the_edge(docs, variant):
         assert ingress_ports == ({"metrics", "grpc"} if stage == "edge" else {"metrics"}), stage
         egress_ports = {port["port"] for rule in spec["egress"] for port in rule["ports"]}
         allowed = {53, 4222} | ({4317} if variant == "secured" else set())
-        has_vllm = any(c["name"] == "vllm" for c in pod_spec(deployment)["containers"])
+        has_vllm = vllm_container(deployment) is not None
         external = env_of(stage_container(stage, deployment)).get("VOICESTACK_LLM_URL", {}).get("value", "")
         if service_of(stage) == "llm" and (has_vllm or external.startswith("https://")):
             allowed |= {443}  # vLLM's model download, or the external LLM endpoint
@@ -1363,7 +1366,7 @@ def test_dockerfile_installs_with_the_makefiles_recipe():
 def test_dockerfile_targets_cover_every_image_the_chart_names(helm):
     stages = dockerfile_stages()
     for target in ("edge", "vad"):
-        assert stages[target]["from"] == "cpu" and stages["cpu"]["from"].startswith("python:")
+        assert stages[target]["from"] == "cpu" and stages["cpu"]["from"] == "${BASE_IMAGE}"  # Debian 12: ARG BASE_IMAGE
     for target in ("stt", "llm", "tts"):
         assert stages[target]["from"] == "cuda" and stages["cuda"]["from"].startswith("nvidia/cuda:")
     for target in ("cpu", "edge", "vad", "cuda", "stt", "llm", "tts"):

@@ -60,9 +60,9 @@ def test_talk_says_when_no_speech_was_heard(stack, edge_address, tmp_path):
 
 def test_up_shows_the_model_each_service_serves(tmp_path, capsys):
     # Only NATS and an LLM replica on the OpenAI engine (it connects to its server per
-    # request, so none needs to run): cheap, and not the default model.
+    # request, and its health check is off, so none needs to run): cheap, and not the default model.
     env = {"VOICESTACK_LLM_ENGINE": "openai", "VOICESTACK_LLM_URL": "http://127.0.0.1:9/v1",
-           "VOICESTACK_LLM_MODEL": OPENAI_MODEL}
+           "VOICESTACK_LLM_HEALTH_URL": "off", "VOICESTACK_LLM_MODEL": OPENAI_MODEL}
     with Stack(ports="free", log_dir=tmp_path, env=env) as stack:
         stack.start_nats()
         stack.spawn("llm")

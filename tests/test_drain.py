@@ -18,7 +18,9 @@ from voicestack.v1 import edge_pb2
 
 @pytest.fixture(scope="module")
 def two_stt(tmp_path_factory):
-    with Stack(ports="free", log_dir=tmp_path_factory.mktemp("drain")) as stack:
+    # No disclosure: three callers' greetings, slow to synthesize on a busy machine, would
+    # still hold the one TTS replica's places when their questions are answered.
+    with Stack(ports="free", log_dir=tmp_path_factory.mktemp("drain"), env={"VOICESTACK_DISCLOSURE": "false"}) as stack:
         stack.start()
         stack.spawn("stt", name="stt-2", env={"VOICESTACK_DRAIN_SECONDS": "20"})
         stack.wait_ready(["stt-2"])
@@ -30,9 +32,11 @@ async def test_sigterm_drains_an_stt_replica_without_losing_a_turn(two_stt, tmp_
     edge = stack.processes["edge"].address
     question = np.concatenate([silence(3000), speak("Please tell me what the capital city of France is.", tmp_path, speed=120)])
     # One turn per caller: the slow speaker's pauses could otherwise end a turn mid-question,
-    # and converse() would stop at that turn, cut short by the rest of the question.
+    # and converse() would stop at that turn, cut short by the rest of the question. No
+    # speculative replies: one discarded at such a pause holds a TTS place until its clause
+    # is synthesized.
     config = edge_pb2.SessionConfig(endpointing=edge_pb2.EndpointingConfig(
-        mode=edge_pb2.ENDPOINTING_MODE_SILENCE, silence_ms=1200))
+        mode=edge_pb2.ENDPOINTING_MODE_SILENCE, silence_ms=1200, speculation=edge_pb2.SPECULATION_MODE_OFF))
     sessions = [asyncio.create_task(converse(edge, question, config=config, timeout=120)) for _ in range(3)]
 
     # Wait until the utterances are being transcribed, then stop a replica that holds one.

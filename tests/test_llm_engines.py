@@ -383,7 +383,7 @@ class TinyContextLlm(FixedLlm):
     async def fit(self, messages, max_tokens):
         return trim_history(messages, word_count, 300, max_tokens)
 
-    async def stream(self, messages, max_tokens, temperature):
+    async def stream(self, messages, max_tokens, temperature, session_id=""):
         self.asked.append(messages)
         async for delta in super().stream(messages, max_tokens, temperature):
             yield delta

@@ -12,6 +12,7 @@ failure of the stack tests is the stack's, not the double's.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -127,6 +128,19 @@ async def test_flaky_server_through_the_openai_engine():
         finally:
             await engine.aclose()
         assert server.requests[0][1]["model"] == server.model
+        assert server.session_keys == [None] * 4  # no session, no header
+
+
+async def test_the_openai_engine_names_the_session_for_a_session_affine_router():
+    with FlakyLlmServer() as server:
+        engine = OpenAIEngine(server.url, server.model, session_header="x-user-id")
+        try:
+            for session in ("call-1", "call-2", "call-1"):
+                async for _ in engine.stream([{"role": "user", "content": "Hi"}], 8, 0.0, session_id=session):
+                    pass
+        finally:
+            await engine.aclose()
+        assert server.session_keys == ["call-1", "call-2", "call-1"]
 
 
 # ------------------------------------------------------------ a real stack on top of it
@@ -291,3 +305,61 @@ async def test_a_drop_on_every_replica_still_costs_one_turn(flaky_stack, flaky_l
     # The call goes on: the next question is answered.
     assert_answered(script, 2, summary)
     assert script.conversation.status.name == "OK", summary
+
+
+# ------------------------------------------------------------ a model server that is not up (#17)
+
+
+async def test_an_llm_replica_serves_only_while_its_model_server_is_up(tmp_path):
+    """vLLM takes minutes to load and may restart: meanwhile its LLM replica stays out of the
+    queue group (an open finds no one: UNAVAILABLE) and says NOT_SERVING on gRPC health;
+    once /health answers 200 it serves, and it leaves again when the server goes down."""
+    import nats
+
+    from voicestack.bus import StageClient
+    from voicestack.errors import StageError
+    from voicestack.launcher import health_status
+    from voicestack.llm import CONTRACT
+    from voicestack.v1 import llm_pb2
+
+    question = llm_pb2.GenerateRequest(messages=[llm_pb2.ChatMessage(role=llm_pb2.CHAT_ROLE_USER, content="Hi")])
+
+    async def ask(client: StageClient) -> str:
+        async with await client.open(CONTRACT, question) as stream:
+            await stream.end()
+            return "".join([response.text_delta async for response in stream])
+
+    async def eventually(predicate, what: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"not {what} within {timeout:.0f}s"
+            await asyncio.sleep(0.2)
+
+    with FlakyLlmServer() as server, Stack(ports="free", log_dir=tmp_path) as stack:
+        server.healthy = False  # loading
+        env = {"VOICESTACK_LLM_ENGINE": "openai", "VOICESTACK_LLM_URL": server.url, "VOICESTACK_LLM_MODEL": server.model}
+        stack.start_nats()
+        llm = stack.spawn("llm", env=env)
+        await eventually(lambda: health_status(llm.address) == "NOT_SERVING", "started and NOT_SERVING")
+        nc = await nats.connect(stack.nats_url, **stack.nats_options("edge"))
+        client = StageClient(nc)
+        await client.start()
+        try:
+            with pytest.raises(StageError) as refused:
+                await ask(client)
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE, refused.value
+            assert not server.requests, "a request reached a server that was not up"
+
+            server.healthy = True
+            await eventually(lambda: health_status(llm.address) == "SERVING", "SERVING once /health answers 200")
+            assert words(await ask(client)) == words(REPLY)
+
+            server.healthy = False  # a restart
+            await eventually(lambda: health_status(llm.address) == "NOT_SERVING", "NOT_SERVING once /health fails")
+            with pytest.raises(StageError) as refused:
+                await ask(client)
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE, refused.value
+            assert len(server.requests) == 1
+        finally:
+            await client.close()
+            await nc.close()

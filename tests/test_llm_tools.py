@@ -147,7 +147,7 @@ class CallingLlm(FixedLlm):
     async def fit(self, messages, max_tokens, tools=None):
         return await super().fit(messages, max_tokens, tools)
 
-    async def stream(self, messages, max_tokens, temperature, tools=None):
+    async def stream(self, messages, max_tokens, temperature, tools=None, session_id=""):
         self.asked.append((messages, tools))
         if tools:
             yield Delta("Let me check. ", completion_tokens=4, prompt_tokens=30)

@@ -125,6 +125,7 @@ def declared_exposition() -> str:
     with mock.patch.object(telemetry.metrics, "get_meter", provider.get_meter):
         meters = telemetry.Meters("probe")
         meters.observe_streams(lambda: 0, lambda: 1)
+        meters.observe_conversation(lambda: 1.0)
         for instrument in vars(meters).values():
             if isinstance(instrument, otel_metrics.Histogram):
                 instrument.record(0.1, labels)

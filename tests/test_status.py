@@ -110,6 +110,14 @@ async def test_an_open_session_shows_as_streams_in_flight(status_stack, speech_d
 
     after = await poll(status_stack.nats_url, lambda v: v["stages"]["edge"]["active"] == 0)
     assert after["stages"]["stt"]["served"] >= 1 and after["stages"]["llm"]["served"] >= 1
+    # What the call cost (#18): each model stage's compute seconds per minute of calls.
+    stages = after["stages"]
+    assert stages["edge"]["conversation_seconds"] > 2  # at least the question and its answer
+    for stage in ("vad", "stt", "llm", "tts"):
+        assert stages[stage]["compute_seconds"] > 0, stage
+        assert stages[stage]["compute_per_minute"] == pytest.approx(
+            60 * stages[stage]["compute_seconds"] / stages["edge"]["conversation_seconds"], rel=0.01)
+    assert "COMPUTE/CALL-MIN" in status.render(after, status.Paint(False))
 
 
 async def test_a_sigtermed_replica_shows_draining_then_leaves(status_stack):
@@ -117,7 +125,7 @@ async def test_a_sigtermed_replica_shows_draining_then_leaves(status_stack):
     leaving = replica(view, status_stack, "stt-2")["replica_id"]
 
     # Hold a stream on stt-2 over the bus, as the edge would, so its drain has to wait.
-    nc = await nats.connect(status_stack.nats_url)
+    nc = await nats.connect(status_stack.nats_url, **status_stack.nats_options("edge"))  # the edge's credentials
     stages = StageClient(nc)
     await stages.start()
     try:
@@ -167,8 +175,9 @@ class FakeReplica:
 
 @pytest.fixture
 async def bus():
-    """A bare nats-server and `announce(stage, replica_id, ...)` for fake replicas on it."""
-    with Stack(ports="free") as local:
+    """A bare nats-server (an open bus: one connection announces every stage) and
+    `announce(stage, replica_id, ...)` for fake replicas on it."""
+    with Stack(ports="free", nats_auth=False) as local:
         local.start_nats()
         nc = await nats.connect(local.nats_url)
         announced = []
@@ -192,7 +201,7 @@ async def test_nats_service_api_carries_identity_and_latency(bus):
     nc = await nats.connect(bus.url)
     try:
         info = json.loads((await nc.request("$SRV.INFO.voicestack-stt", b"", timeout=2)).data)
-        direct = json.loads((await nc.request(discovery.status_subject("stt-a"), b"", timeout=2)).data)
+        direct = json.loads((await nc.request(discovery.status_subject("stt", "stt-a"), b"", timeout=2)).data)
     finally:
         await nc.close()
     assert info["name"] == "voicestack-stt" and info["version"] == voicestack.__version__
@@ -220,6 +229,22 @@ async def test_nats_service_api_carries_identity_and_latency(bus):
     await announcement.stop()
     view = await status.collect(bus.url)
     assert view["stages"]["stt"]["replicas"] == []
+
+
+def test_compute_per_conversation_minute_and_a_replica_not_ready():
+    replica = {"stage": "llm", "replica_id": "llm-a", "active": 0, "capacity": 4, "compute_seconds": 30.0}
+    stages = {"edge": status.bus_stage("edge", [{"stage": "edge", "replica_id": "e", "capacity": 10,
+                                                  "conversation_seconds": 120.0}]),
+              "llm": status.bus_stage("llm", [replica, {**replica, "replica_id": "llm-b", "model_server_up": False}])}
+    status.compute_per_conversation_minute(stages)
+    assert stages["llm"]["compute_per_minute"] == 30.0  # 60 s of compute over 2 minutes of calls
+    assert "compute_per_minute" not in stages["edge"]
+    # The replica whose model server is down takes nothing: not live, no capacity, said why.
+    assert stages["llm"]["live"] == 1 and stages["llm"]["not_ready"] == 1 and stages["llm"]["capacity"] == 4
+    assert any("llm-b's model server is down" in message for _, message in stages["llm"]["problems"])
+    no_calls = {"edge": status.bus_stage("edge", []), "llm": status.bus_stage("llm", [replica])}
+    status.compute_per_conversation_minute(no_calls)
+    assert no_calls["llm"]["compute_per_minute"] is None  # nothing to divide by
 
 
 async def test_a_stage_with_no_replica_is_shown_in_red(bus):

@@ -74,7 +74,8 @@ MAX_FAILOVERS = 2  # reopens a stream may take; past them the opener gets UNAVAI
 # The peer timeout an opener may ask for: shorter would kill streams on a busy loop's
 # hiccup, longer would hold a dead opener's capacity for minutes.
 PEER_TIMEOUT_RANGE = (0.2, 10.0)
-STOP_SECONDS = 5.0  # how long cancelled streams get to unwind when a drain ends
+STOP_SECONDS = 5.0
+NAMED_OPEN_SECONDS = 0.5  # how long an open waits for the replica it named before asking the group  # how long cancelled streams get to unwind when a drain ends
 
 
 class Failover(enum.Enum):
@@ -255,7 +256,13 @@ class StageEndpoint:
 
     `in_flight` is the replica's whole load (the stage's own gRPC calls too, see
     stage.py); without it, this endpoint's streams alone count against `capacity`.
-    Whoever changes that load elsewhere calls update_queue_membership()."""
+    `ready` says whether the replica can serve at all (the LLM stage: its model server
+    answers /health); while it cannot, the replica stays out of the queue group and
+    refuses opens with UNAVAILABLE. `takes_named` says whether an open asked of this replica
+    by name (a session's affinity) starts at once; when not, it is refused and the opener
+    asks the group (an engine that runs one generation at a time queues it otherwise,
+    which costs more than a warm cache saves). Whoever changes the load or the readiness
+    elsewhere calls update_queue_membership()."""
 
     def __init__(
         self,
@@ -270,6 +277,8 @@ class StageEndpoint:
         stream_spans: bool = True,
         on_refused: Callable[[], None] | None = None,
         in_flight: Callable[[], int] | None = None,
+        ready: Callable[[], bool] | None = None,
+        takes_named: Callable[[], bool] | None = None,
     ):
         self.nc, self.stage, self.replica_id = nc, stage, replica_id
         self.capacity = capacity
@@ -282,6 +291,8 @@ class StageEndpoint:
         self.stream_spans = stream_spans
         self.on_refused = on_refused or (lambda: None)
         self.in_flight = in_flight or (lambda: self.active)
+        self.ready = ready or (lambda: True)
+        self.takes_named = takes_named or (lambda: True)
         self.streams: dict[str, _ServerStream] = {}
         self.stats = EndpointStats()
         self.draining = False
@@ -321,7 +332,7 @@ class StageEndpoint:
 
     async def _update_queue_membership(self) -> None:
         async with self._membership:
-            want = not self.draining and not self._full()
+            want = not self.draining and self.ready() and not self._full()
             if want and self._queue_sub is None:
                 self._queue_sub = await self.nc.subscribe(
                     open_subject(self.stage), queue=queue_group(self.stage), cb=self._on_open
@@ -332,11 +343,20 @@ class StageEndpoint:
                     await sub.unsubscribe()
         self.on_change(self)
 
-    async def _refuse(self, msg) -> None:
+    async def _refuse(self, msg, busy: bool = False) -> None:
+        if busy:  # (not counted as refused: the opener asks the group next, at once)
+            await msg.respond(bus_pb2.OpenStreamResponse(
+                replica_id=self.replica_id, error_code=code_to_int(grpc.StatusCode.RESOURCE_EXHAUSTED),
+                error_message=f"{self.stage} replica {self.replica_id} is busy; ask the group").SerializeToString())
+            return
         self.stats.opens_refused += 1
         self.on_refused()
-        code = grpc.StatusCode.UNAVAILABLE if self.draining else grpc.StatusCode.RESOURCE_EXHAUSTED
-        why = "draining" if self.draining else f"at capacity ({self.capacity} streams); retry in a few seconds"
+        if self.draining or not self.ready():
+            code = grpc.StatusCode.UNAVAILABLE
+            why = "draining" if self.draining else "not ready (its model server is down)"
+        else:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            why = f"at capacity ({self.capacity} streams); retry in a few seconds"
         await msg.respond(
             bus_pb2.OpenStreamResponse(
                 replica_id=self.replica_id, error_code=code_to_int(code),
@@ -360,8 +380,11 @@ class StageEndpoint:
             log.warning("%s: an open on %s without a usable reply subject (%r); dropped",
                         self.stage, msg.subject, request.reply_subject[:100])
             return
-        if self.draining or self._full():
+        if self.draining or not self.ready() or self._full():
             await self._refuse(msg)
+            return
+        if msg.subject == open_subject(self.stage, self.replica_id) and not self.takes_named():
+            await self._refuse(msg, busy=True)
             return
         stream_id = uuid.uuid4().hex[:16]
         context = StreamContext(stream_id, request.session_id, dict(msg.headers or {}))
@@ -622,9 +645,12 @@ class StageStream:
         subjects += [open_subject(self.stage)] * 3  # a refused open is retried: another replica may take it
         last_error = None
         for attempt, subject in enumerate(subjects):
+            named = subject != open_subject(self.stage)
             try:
                 try:
-                    reply = await nc.request(subject, request, timeout=self.client.open_timeout, headers=headers)
+                    # A replica asked for by name (affinity) that does not answer at once is passed over.
+                    timeout = min(self.client.open_timeout, NAMED_OPEN_SECONDS) if named else self.client.open_timeout
+                    reply = await nc.request(subject, request, timeout=timeout, headers=headers)
                 except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                     if subject != open_subject(self.stage):
                         raise
@@ -655,7 +681,8 @@ class StageStream:
                 self.client.streams[self._inbox_id] = self
                 return
             last_error = StageError(code_from_int(answer.error_code), answer.error_message, self.stage)
-            await asyncio.sleep(0.02 * (attempt + 1))
+            if not named:  # (the group is asked at once when the named replica is full)
+                await asyncio.sleep(0.02 * (attempt + 1))
         raise last_error
 
     async def send(self, message) -> None:

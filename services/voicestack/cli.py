@@ -68,7 +68,9 @@ def _progress(process) -> None:
 
 # Settings each process of `up` gets its own value of (the launcher assigns them).
 PER_PROCESS_SETTINGS = ("nats_url", "grpc_port", "metrics_port", "replica_id", "capacity", "llm_pool",
-                        "web_edge_address", "sip_edge_address")
+                        "web_edge_address", "sip_edge_address",
+                        # each process its own role on the bus (`up` makes them: bus_permissions.py)
+                        "nats_user", "nats_password_file", "nats_inbox_prefix")
 
 
 def add_stack_flags(parser) -> None:
@@ -111,6 +113,9 @@ def start_stack(log_dir: str, env: dict | None = None, strong_llm: bool = False,
     stack = Stack(log_dir=log_dir, env=env, ports="free" if free_ports else "default")
     print(f"starting nats-server on {stack.nats_url} and {len(START_ORDER) + strong_llm} services; "
           f"loading models (logs in {log_dir}/)...", flush=True)
+    if stack.credentials is not None:
+        print(f"the bus takes only the services' own users (their passwords in {stack.credentials.directory}/)",
+              flush=True)
     try:
         stack.start_nats()
         for service in START_ORDER:

@@ -30,6 +30,16 @@ class Settings:
     nats_url: str = "nats://127.0.0.1:4222"
     nats_creds_file: str = ""
     nats_ca_file: str = ""
+    # This process's NATS user (a role of bus_permissions.py: edge, vad, stt, llm, llm-strong,
+    # tts, status) and the file holding its password; its inbox prefix ("" = _INBOX.<user>
+    # with a user, else NATS' _INBOX) is the one its role may read.
+    nats_user: str = ""
+    nats_password_file: str = ""
+    nats_inbox_prefix: str = ""
+    # `voicestack up`: its local nats-server's TLS certificate and key (clients verify them with
+    # nats_ca_file); with them the bus is tls://.
+    nats_tls_cert_file: str = ""
+    nats_tls_key_file: str = ""
     # gRPC listener. Stages bind to localhost unless told otherwise; the edge too,
     # until an operator exposes it (with TLS and API keys).
     grpc_host: str = "127.0.0.1"
@@ -58,6 +68,16 @@ class Settings:
     llm_model: str = ""
     llm_api_key: str = field(default="", repr=False)
     llm_max_tokens: int = 80
+    # With llm_engine=openai: the replica joins its queue group only while this answers
+    # (and gRPC health says NOT_SERVING meanwhile). "" = llm_url's server root + /health
+    # (vLLM, llama.cpp's server; a server without one, answering 404, counts as up); "off": unchecked.
+    llm_health_url: str = ""
+    # With llm_engine=openai: the request header that carries the session id, for a router that
+    # keeps a session on one model server (vLLM production-stack: --session-key x-user-id); "" = none.
+    llm_session_header: str = "x-user-id"
+    # Edge: a session's next LLM request goes first to the replica that served its last one
+    # (its prefix is in that replica's KV cache); off = any replica of the pool (load/affinity.py).
+    llm_affinity: bool = True
     # LLM replica: the pool it serves, "llm" (fast) or "llm-strong" (its own subjects,
     # Deployment and autoscaler).
     llm_pool: str = "llm"
@@ -73,9 +93,10 @@ class Settings:
     # when the edge ends the turn. Off = decode the whole utterance at its end.
     stt_pause_decode: bool = True
     tts_voice: str = ""
-    # TTS: "clause" speaks a clause (comma, 4+ words) as soon as it is written;
-    # "sentence" waits for the sentence's end.
-    tts_split: str = "clause"
+    # TTS: "phrase" speaks the reply's first words at their first natural break, then as
+    # "clause", which speaks a clause (comma, 4+ words) as soon as it is written;
+    # "sentence" waits for each sentence's end.
+    tts_split: str = "phrase"
     # Measured on the embedded SmolLM2-135M: naming the language keeps it from drifting into French.
     system_prompt: str = "You are a helpful assistant who speaks English. Reply in one short sentence."
     # Edge: the AI disclosure the agent speaks first in every session (EU AI Act
@@ -225,6 +246,27 @@ class Settings:
 
     def nats_servers(self) -> list[str]:
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+
+def cpu_share(cgroup: str = "/sys/fs/cgroup") -> int:
+    """Cores this process may use: its container's CPU limit (cgroup v2 cpu.max, or v1's
+    quota), rounded up, else the CPUs it may run on. A model's thread pool sized to the
+    node's cores in a pod limited to 2 of them would only thrash."""
+    cpus = len(os.sched_getaffinity(0))
+    for quota_file, period_file in ((f"{cgroup}/cpu.max", None),
+                                    (f"{cgroup}/cpu/cpu.cfs_quota_us", f"{cgroup}/cpu/cpu.cfs_period_us")):
+        try:
+            with open(quota_file) as f:
+                fields_ = f.read().split()
+            if period_file:
+                with open(period_file) as f:
+                    fields_ += f.read().split()
+        except OSError:
+            continue
+        if len(fields_) >= 2 and fields_[0] not in ("max", "-1"):
+            return max(1, min(cpus, -(-int(fields_[0]) // int(fields_[1]))))
+        break
+    return cpus
 
 
 def _coerce(kind: type, raw: str, name: str):

@@ -9,7 +9,8 @@ One micro service per replica:
   name      "voicestack-<stage>" (every replica of a stage shares it)
   version   voicestack.__version__
   metadata  stage, replica_id, model, device (fixed for the life of the process)
-  endpoint  "status" on "vs.status.<replica_id>": answers the replica's status JSON.
+  endpoint  "status" on "vs.<stage>.status.<replica_id>" (within the stage's own subjects,
+            which only its role may read: bus_permissions.py): answers the replica's status JSON.
             The same JSON is the endpoint's `data` in `$SRV.STATS`, so one STATS
             request gathers every replica's live numbers.
 
@@ -43,8 +44,8 @@ WINDOW_SECONDS = 60.0
 MAX_SAMPLES = 20000  # bounds memory on a busy replica; the newest samples are kept
 
 
-def status_subject(replica_id: str) -> str:
-    return f"vs.status.{replica_id}"
+def status_subject(stage: str, replica_id: str) -> str:
+    return f"vs.{stage}.status.{replica_id}"
 
 
 # ------------------------------------------------------------ latency, last minute
@@ -134,7 +135,7 @@ async def announce(nc, service) -> Announcement:
         stats_handler=lambda endpoint_stats: announcement.status(),  # becomes the endpoint's `data`
     )
     await announcement.micro.add_endpoint(
-        name="status", subject=status_subject(snapshot["replica_id"]), handler=announcement._answer,
+        name="status", subject=status_subject(service.name, snapshot["replica_id"]), handler=announcement._answer,
         metadata={"format": "json"},
     )
     return announcement

@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from voicestack import bus_permissions
 from voicestack.config import DEFAULT_GRPC_PORTS, DEFAULT_METRICS_PORTS, GATEWAYS, load_settings
 
 # The edge needs the stages; VAD and the edge load nothing, so they come last and first.
@@ -134,13 +135,17 @@ def ready_description(process: "Process") -> dict | None:
     return None
 
 
-async def _discover(nats_url: str) -> list[dict]:
+async def _discover(nats_url: str, options: dict | None = None) -> list[dict]:
+    """Every replica on the bus, read as the status role (`options`: its nats.connect
+    credentials; by default those `voicestack up` made for a bus on this machine)."""
     import nats
 
     from voicestack import discovery
 
+    if options is None:
+        options = bus_permissions.connect_options(load_settings("edge", {"nats_url": nats_url}), role="status")
     try:
-        nc = await nats.connect(servers=nats_url.split(","), connect_timeout=2.0, max_reconnect_attempts=0)
+        nc = await nats.connect(servers=nats_url.split(","), connect_timeout=2.0, max_reconnect_attempts=0, **options)
     except Exception:  # no bus, no answers: the caller shows what it knows
         return []
     try:
@@ -181,13 +186,28 @@ class Process:
         return self.popen.poll() is None
 
 
+def nats_role(service: str, args: list[str] | None, env: dict) -> str:
+    """The bus role (bus_permissions.py) of a service process: its name, an LLM's its pool."""
+    if service != "llm":
+        return service
+    args = list(args or [])
+    if "--llm-pool" in args[:-1]:
+        return args[args.index("--llm-pool") + 1]
+    return env.get("VOICESTACK_LLM_POOL") or "llm"
+
+
 class Stack:
     """A nats-server plus voicestack services on this machine."""
 
     def __init__(self, *, nats_port: int | None = None, ports: str = "default", log_dir: str | Path | None = None,
-                 env: dict | None = None, nats_args: list[str] | None = None, nats_cluster: int = 1):
+                 env: dict | None = None, nats_args: list[str] | None = None, nats_cluster: int = 1,
+                 nats_auth: bool = True):
         # ports="default": the documented ports; "free": any free ones (tests run beside a demo).
         # nats_cluster=N: N clustered nats-servers on loopback; services get all N URLs.
+        # nats_auth: the bus's users and permissions per role (bus_permissions.py), their
+        # passwords generated into a private directory (bus_permissions.local_dir); every
+        # service spawned gets its role's. Off: an open bus, anyone on it reads everything.
+        # TLS: VOICESTACK_NATS_TLS_CERT_FILE / _KEY_FILE in `env` (clients: VOICESTACK_NATS_CA_FILE).
         self.free_ports = ports == "free"
         self.nats_port = nats_port or (free_port() if self.free_ports else 4222)
         self.nats_ports = [self.nats_port] + [free_port() for _ in range(nats_cluster - 1)]
@@ -197,10 +217,37 @@ class Stack:
         self.env = {**os.environ, **(env or {})}
         self.nats_args = nats_args or []
         self.processes: dict[str, Process] = {}
+        settings = load_settings("nats", environ=self.env)
+        self.nats_tls = (settings.nats_tls_cert_file, settings.nats_tls_key_file) if settings.nats_tls_cert_file else None
+        self.credentials = (bus_permissions.LocalCredentials(bus_permissions.local_dir(self.nats_port))
+                            if nats_auth else None)
+        self._credentials_made = False
 
     @property
     def nats_url(self) -> str:
-        return ",".join(f"nats://127.0.0.1:{port}" for port in self.nats_ports)
+        scheme = "tls" if self.nats_tls else "nats"
+        return ",".join(f"{scheme}://127.0.0.1:{port}" for port in self.nats_ports)
+
+    def role_env(self, role: str) -> dict:
+        """The environment that gives a process `role`'s credentials on this stack's bus."""
+        return self.credentials.client_env(role) if self.credentials else {}
+
+    def nats_options(self, role: str) -> dict:
+        """nats.connect() keyword arguments to join this stack's bus as `role` (tests, tools)."""
+        settings = load_settings("nats", {"nats_url": self.nats_url}, environ={**self.env, **self.role_env(role)})
+        return bus_permissions.connect_options(settings)
+
+    def _make_credentials(self) -> None:
+        if self.credentials is None or self._credentials_made:
+            return
+        if port_open(self.nats_port):  # another bus there (and its credentials): leave them be
+            raise RuntimeError(f"port {self.nats_port} is in use: is another nats-server (voicestack up) running?")
+        self.credentials.create()
+        config = self.credentials.directory / "nats.conf"
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(bus_permissions.server_config())
+        self._credentials_made = True
 
     @property
     def nats(self) -> subprocess.Popen | None:
@@ -214,14 +261,22 @@ class Stack:
 
     def start_nats(self, index: int | None = None) -> None:
         """Start the nats-server(s) (or just server `index`, e.g. after stopping it)."""
+        self._make_credentials()
+        server_env = None
         for i in ([index] if index is not None else range(len(self.nats_ports))):
-            command = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_ports[i]), *self.nats_args]
+            command = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_ports[i])]
+            if self.credentials is not None:  # the users and permissions; their passwords in its environment
+                command += ["-c", str(self.credentials.directory / "nats.conf")]
+                server_env = {**os.environ, **self.credentials.server_env()}
+            if self.nats_tls:
+                command += ["--tls", "--tlscert", self.nats_tls[0], "--tlskey", self.nats_tls[1]]
+            command += self.nats_args
             if self.route_ports:
                 routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(self.route_ports) if j != i)
                 command += ["-n", f"vs-nats-{i}", "--cluster_name", "voicestack",
                             "--cluster", f"nats://127.0.0.1:{self.route_ports[i]}", "--routes", routes]
             self.nats_servers[i] = subprocess.Popen(command, stdout=self._log_file(f"nats-{i}" if i else "nats"),
-                                                    stderr=subprocess.STDOUT)
+                                                    stderr=subprocess.STDOUT, env=server_env)
             wait_for_port(self.nats_ports[i], 10, self.nats_servers[i])
 
     def stop_nats(self, index: int | None = None) -> None:
@@ -245,7 +300,8 @@ class Stack:
         log_path = self.log_dir / f"{name}.log" if self.log_dir else None
         log_offset = log_path.stat().st_size if log_path and log_path.exists() else 0
         log = self._log_file(name)
-        process_env = {**self.env, **(env or {})}
+        role = nats_role(service, args, {**self.env, **(env or {})})
+        process_env = {**self.env, **self.role_env(role), **(env or {})}  # its role's credentials on the bus
         popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=process_env,
                                  start_new_session=True)  # Ctrl-C reaches `up`, which stops the services in order
         tls = bool(process_env.get("VOICESTACK_TLS_CERT_FILE")) or "--tls-cert-file" in (args or [])
@@ -322,7 +378,7 @@ class Stack:
                 time.sleep(0.05)
         if missing and self.nats is not None:
             by_replica = {self.processes[n].replica_id: n for n in missing}
-            for replica in asyncio.run(_discover(self.nats_url)):
+            for replica in asyncio.run(_discover(self.nats_url, self.nats_options("status"))):
                 if (name := by_replica.get(replica.get("replica_id"))) is not None:
                     found[name] = {k: v for k, v in replica.items() if k in DESCRIBE_KEYS}
         return found
@@ -353,6 +409,9 @@ class Stack:
         for name in list(self.processes):
             self.stop(name, timeout=timeout)
         self.stop_nats()
+        if self.credentials is not None and self._credentials_made:
+            self.credentials.remove()
+            self._credentials_made = False
 
     def __enter__(self) -> "Stack":
         return self

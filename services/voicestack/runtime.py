@@ -26,7 +26,7 @@ import nats
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from voicestack import discovery, telemetry
+from voicestack import bus_permissions, discovery, telemetry
 from voicestack.config import Settings, public_view
 
 log = logging.getLogger(__name__)
@@ -65,12 +65,8 @@ async def connect_nats(settings: Settings, name: str):
         servers=settings.nats_servers(), name=name, max_reconnect_attempts=-1,
         reconnect_time_wait=0.5, connect_timeout=2.0, allow_reconnect=True,
     )
-    if settings.nats_creds_file:
-        options["user_credentials"] = settings.nats_creds_file
-    if settings.nats_ca_file:
-        import ssl
-
-        options["tls"] = ssl.create_default_context(cafile=settings.nats_ca_file)
+    # Its role's user and password (bus_permissions.py), or a .creds file; the servers' CA.
+    options.update(bus_permissions.connect_options(settings))
 
     async def on_error(exc):
         log.warning("nats: %s", exc)
@@ -159,9 +155,16 @@ async def serve(service, settings: Settings) -> None:
 
         resources.push_async_callback(drain)
 
+        async def set_health(serving: bool) -> None:
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ["", *service.grpc_service_names]:
+                await health_servicer.set(name, status)
+
+        # (A stage that is not ready, an LLM whose model server is still loading, says
+        # NOT_SERVING until it is: Kubernetes keeps it out of rollouts' counts meanwhile.)
+        service.on_readiness = set_health
         await server.start()
-        for name in ["", *service.grpc_service_names]:
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await set_health(getattr(service, "ready", True))
         log.info("ready on %s (%s)", address, json.dumps(service.describe()))
 
         await stop.wait()

@@ -46,6 +46,7 @@ class Stage:
         self.endpoint: StageEndpoint | None = None
         self.meters = None
         self._grpc_active = 0
+        self.compute_seconds = 0.0  # since start: what a conversation-minute costs (`voicestack status`)
 
     # subclass supplies
     async def stream(self, requests: AsyncIterator, context: StreamContext) -> AsyncIterator:
@@ -54,6 +55,21 @@ class Stage:
 
     def describe(self) -> dict:
         return {}
+
+    @property
+    def parallel(self) -> int:
+        """Streams this replica works on at the same time (its capacity, unless its engine
+        runs fewer at once and queues the rest)."""
+        return self.capacity
+
+    @property
+    def ready(self) -> bool:
+        """Able to serve at all (the LLM stage: while its model server is up)."""
+        return True
+
+    # Called with the new readiness when `ready` changes (runtime: gRPC health follows it).
+    async def on_readiness(self, ready: bool) -> None:
+        return None
 
     @property
     def active(self) -> int:
@@ -65,7 +81,8 @@ class Stage:
         self.endpoint = StageEndpoint(
             nc, self.name, self.settings.replica_id, self.capacity, self._counted, self.request_type,
             peer_timeout=self.settings.peer_timeout_seconds, stream_spans=self.stream_spans,
-            on_refused=self._refused, in_flight=lambda: self.active,
+            on_refused=self._refused, in_flight=lambda: self.active, ready=lambda: self.ready,
+            takes_named=lambda: self.active < self.parallel,
         )
         await self.endpoint.start()
 
@@ -82,13 +99,19 @@ class Stage:
             "active": self.active, "capacity": self.capacity,
             "served": stats.streams_served if stats else 0, "cancelled": stats.streams_cancelled if stats else 0,
             "refused": stats.opens_refused if stats else 0, "errors": stats.errors if stats else 0,
-            "started_at": stats.started_at if stats else 0.0,
+            "started_at": stats.started_at if stats else 0.0, "compute_seconds": round(self.compute_seconds, 3),
             "draining": bool(self.endpoint and self.endpoint.draining),
         }
 
     def _refused(self) -> None:
         if self.meters:
             self.meters.opens_refused.add(1, {"stage": self.name})
+
+    def add_compute(self, seconds: float) -> None:
+        """Time this replica spent on a model's work (a decode, a clause, a frame, a reply)."""
+        self.compute_seconds += seconds
+        if self.meters:
+            self.meters.compute_seconds.add(seconds, {"stage": self.name})
 
     def record(self, kind: str, seconds: float) -> None:
         discovery.observe_latency(seconds, kind)
@@ -113,6 +136,10 @@ class Stage:
         if self.endpoint and self.endpoint.draining:
             await end_call(context, requests, grpc.StatusCode.UNAVAILABLE,
                            f"{self.name} replica {self.settings.replica_id} is draining; call another")
+            return
+        if not self.ready:
+            await end_call(context, requests, grpc.StatusCode.UNAVAILABLE,
+                           f"{self.name} replica {self.settings.replica_id} is not ready (its model server is down)")
             return
         if self.active >= self.capacity:
             self._refused()

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 
 import nats
 
-from voicestack import discovery
+from voicestack import bus_permissions, discovery
 from voicestack.config import SERVICES, load_settings
 from voicestack.telemetry import LATENCY_BUCKETS
 
@@ -37,7 +37,8 @@ OPTIONAL_POOLS = ("llm-strong",)  # stages a deployment may leave out
 # The latency a stage's row shows (the JSON has every kind a replica reports).
 HEADLINE_LATENCY = {"edge": "voice_to_voice", "stt": "final", "llm": "first_token", "llm-strong": "first_token",
                     "tts": "clause"}
-LATENCY_NOTE = "p50/p95 over the last minute: edge voice-to-voice, stt final transcript, llm first token, tts per clause"
+LATENCY_NOTE = ("p50/p95 over the last minute: edge voice-to-voice, stt final transcript, llm first token, tts per clause; "
+                "compute/call-min: a stage's compute seconds per minute of calls, since its replicas started")
 # The chart's labels (select by these, never by Deployment names).
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 COMPONENT_LABEL = "app.kubernetes.io/component"
@@ -50,15 +51,11 @@ ERROR, WARNING = "error", "warning"
 
 async def read_bus(nats_url: str, timeout: float = 1.0) -> list[dict]:
     """Every voicestack replica answering on the bus at `nats_url`."""
-    # Credentials and CA come from the same VOICESTACK_NATS_* settings the services use.
+    # Credentials and CA come from the same VOICESTACK_NATS_* settings the services use (the
+    # status role's user and password file); unset, the status role's of a `voicestack up` bus
+    # on this machine (bus_permissions.local_dir), if `nats_url` is one.
     settings = load_settings("edge", {"nats_url": nats_url})
-    options = {}
-    if settings.nats_creds_file:
-        options["user_credentials"] = settings.nats_creds_file
-    if settings.nats_ca_file:
-        import ssl
-
-        options["tls"] = ssl.create_default_context(cafile=settings.nats_ca_file)
+    options = bus_permissions.connect_options(settings, role="status")
 
     async def quiet(exc):  # a one-shot reader reports failure once, below, not per retry
         pass
@@ -112,24 +109,30 @@ def stage_latency(replicas: list[dict], kind: str | None) -> dict:
 
 def bus_stage(stage: str, replicas: list[dict]) -> dict:
     """One stage as the bus sees it. Capacity counts only replicas that take new streams."""
-    live = [r for r in replicas if not r.get("draining")]
+    # (An LLM replica whose model server is down takes no streams, as a draining one.)
+    live = [r for r in replicas if not r.get("draining") and r.get("model_server_up", True)]
     active = sum(r.get("active", 0) for r in replicas)
     capacity = sum(r.get("capacity", 0) for r in live)
     problems = []
     if not live:
-        problems.append((ERROR, "no replica on the bus" + (" (all draining)" if replicas else "")))
+        problems.append((ERROR, "no replica on the bus" + (" (all draining or not ready)" if replicas else "")))
     elif active >= capacity:
         problems.append((WARNING, f"at capacity ({active}/{capacity} streams): new streams are refused"))
     for r in replicas:
         if r.get("draining"):
             problems.append((WARNING, f"replica {r.get('replica_id')} draining ({_n(r.get('active', 0), 'stream')} left)"))
+        elif not r.get("model_server_up", True):
+            problems.append((WARNING, f"replica {r.get('replica_id')}'s model server is down: it takes no streams"))
     return {
-        "live": len(live), "draining": len(replicas) - len(live),
+        "live": len(live), "draining": sum(bool(r.get("draining")) for r in replicas),
+        "not_ready": len(replicas) - len(live) - sum(bool(r.get("draining")) for r in replicas),
         "active": active, "capacity": capacity,
         "utilisation": round(active / capacity, 3) if capacity else None,
         "served": sum(r.get("served", 0) for r in replicas),
         "errors": sum(r.get("errors", 0) for r in replicas),
         "latency": stage_latency(replicas, HEADLINE_LATENCY.get(stage)),
+        "compute_seconds": round(sum(r.get("compute_seconds", 0.0) for r in replicas), 3),
+        "conversation_seconds": round(sum(r.get("conversation_seconds", 0.0) for r in replicas), 3),
         "models": sorted({f"{r['model']} ({r.get('device', '?')})" for r in replicas
                           if r.get("model") not in (None, "", "-")}),
         "replicas": replicas,
@@ -344,7 +347,17 @@ async def collect(nats_url: str, *, kube: bool = False, kubeconfig: str | None =
         problems = entry.pop("problems", []) + (entry.get("kube") or {}).pop("problems", [])
         view["problems"] += [{"stage": stage, "level": level, "message": message} for level, message in problems]
         view["stages"][stage] = entry
+    compute_per_conversation_minute(view["stages"])
     return view
+
+
+def compute_per_conversation_minute(stages: dict) -> None:
+    """Each stage's compute seconds per minute of calls on the edges, since the replicas on the
+    bus started (a replica that restarted starts again from 0): what a conversation-minute costs."""
+    talked = (stages.get("edge") or {}).get("conversation_seconds", 0.0)
+    for stage, entry in stages.items():
+        if stage != "edge" and "compute_seconds" in entry:
+            entry["compute_per_minute"] = round(60 * entry["compute_seconds"] / talked, 3) if talked else None
 
 
 def exit_status(view: dict) -> int:
@@ -402,15 +415,19 @@ def render(view: dict, paint: Paint) -> str:
     else:
         rows = []
         for stage, s in view["stages"].items():
-            replicas = str(s["live"]) + (f" (+{s['draining']} draining)" if s["draining"] else "")
+            replicas = str(s["live"]) + (f" (+{s['draining']} draining)" if s["draining"] else "") \
+                + (f" (+{s['not_ready']} not ready)" if s.get("not_ready") else "")
             u = s["utilisation"]
             util = "-" if u is None else f"{u:.1%}" if 0 < u < 0.1 else f"{u:.0%}"
             full = s["active"] >= s["capacity"]
             colour = "red" if not s["live"] else "yellow" if s["draining"] or full else None
+            per_minute = s.get("compute_per_minute")
             rows.append(([stage, replicas, f"{s['active']}/{s['capacity']}", util, _ms(s["latency"]["p50"]),
-                          _ms(s["latency"]["p95"]), str(s["errors"]), str(s["served"]), ", ".join(s["models"]) or "-"],
+                          _ms(s["latency"]["p95"]), str(s["errors"]), str(s["served"]),
+                          "-" if per_minute is None else f"{per_minute:.1f}s", ", ".join(s["models"]) or "-"],
                          colour))
-        lines += _table(rows, ["STAGE", "REPLICAS", "ACTIVE/CAP", "UTIL", "P50", "P95", "ERRORS", "SERVED", "MODEL"], paint)
+        lines += _table(rows, ["STAGE", "REPLICAS", "ACTIVE/CAP", "UTIL", "P50", "P95", "ERRORS", "SERVED",
+                               "COMPUTE/CALL-MIN", "MODEL"], paint)
         lines.append(paint(LATENCY_NOTE, "dim"))
 
     kube = view.get("kube")

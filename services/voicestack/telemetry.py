@@ -136,6 +136,16 @@ class Meters:
         )
         self._gauges: dict[str, object] = {}
 
+    def observe_conversation(self, seconds) -> None:
+        """The edge's seconds of calls (ended and ongoing), the denominator of a
+        conversation-minute's cost: 60 * rate(compute) / rate(conversation)."""
+        meter = metrics.get_meter("voicestack")
+        meter.create_observable_counter(
+            "voicestack.conversation", unit="s",
+            callbacks=[lambda options: [metrics.Observation(seconds(), {"stage": self.service})]],
+            description="Seconds of calls on this edge (ended and ongoing)",
+        )
+
     def observe_streams(self, active, capacity) -> None:
         """Register callbacks reporting streams in flight and capacity for this replica."""
         meter = metrics.get_meter("voicestack")

@@ -81,7 +81,39 @@ app.kubernetes.io/component: {{ .name }}
 {{- $img := .stage.image }}
 {{- $repo := $img.repository | default (printf "%s-%s" $root.Values.image.repository $img.target) }}
 {{- $tag := $img.tag | default $root.Values.image.tag | default $root.Chart.AppVersion }}
+{{- if $img.digest }}
+{{- /* A digest pins the image: the tag is left out (repository@sha256:...). */ -}}
+{{- printf "%s@%s" $repo $img.digest }}
+{{- else }}
 {{- printf "%s:%s" $repo $tag }}
+{{- end }}
+{{- end }}
+
+{{/* The extended-resource name this stage's GPUs are asked as: stages.<key>.gpuResourceName, else gpuResourceName. */}}
+{{- define "voicestack.stage.gpuResourceName" -}}
+{{- .stage.gpuResourceName | default .root.Values.gpuResourceName }}
+{{- end }}
+
+{{/* The pod's RuntimeClass: stages.<key>.runtimeClassName, else gpuRuntimeClassName for a pod that holds a GPU. */}}
+{{- define "voicestack.stage.runtimeClassName" -}}
+{{- if .stage.runtimeClassName }}{{ .stage.runtimeClassName }}
+{{- else if gt (int (.stage.gpu | default 0)) 0 }}{{ .root.Values.gpuRuntimeClassName | default "" }}
+{{- end }}
+{{- end }}
+
+{{/*
+User-supplied containers (stages.<key>.initContainers / extraContainers), passed through as they are,
+except that one without a securityContext gets the chart's (non-root, read-only root, no capabilities).
+Context: dict "root" "containers".
+*/}}
+{{- define "voicestack.userContainers" -}}
+{{- range .containers }}
+{{- $c := deepCopy . }}
+{{- if not (hasKey $c "securityContext") }}
+{{- $_ := set $c "securityContext" (deepCopy $.root.Values.securityContext) }}
+{{- end }}
+- {{ toYaml $c | indent 2 | trim }}
+{{- end }}
 {{- end }}
 
 {{/* Seconds a terminating replica drains (VOICESTACK_DRAIN_SECONDS). */}}
@@ -133,10 +165,30 @@ app.kubernetes.io/component: {{ .name }}
 {{- printf "stage=%q,%s=%q,%s=~%q" .name $p.namespaceLabel .root.Release.Namespace $p.podLabel (printf "%s-[a-z0-9]+-[a-z0-9]+" (include "voicestack.stage.fullname" .)) }}
 {{- end }}
 
-{{/* Stream utilisation of the stage, 0..1: the autoscaling signal. */}}
+{{/*
+Stream utilisation of the stage, 0..1: the autoscaling signal, smoothed. A stream (a turn, a call) lasts
+seconds to minutes and one scrape sees a sawtooth, so each replica's gauges are averaged over
+autoscaling.keda.window (avg_over_time) before they are summed; a window of "0s" reads the instant value.
+*/}}
 {{- define "voicestack.stage.utilisationQuery" -}}
 {{- $m := include "voicestack.stage.promMatchers" . }}
+{{- $w := (.root.Values.autoscaling.keda.window | default "1m") }}
+{{- if regexMatch "^0+[smh]?$" $w }}
 {{- printf "sum(voicestack_streams_active{%s}) / clamp_min(sum(voicestack_streams_capacity{%s}), 1)" $m $m }}
+{{- else }}
+{{- printf "sum(avg_over_time(voicestack_streams_active{%s}[%s])) / clamp_min(sum(avg_over_time(voicestack_streams_capacity{%s}[%s])), 1)" $m $w $m $w }}
+{{- end }}
+{{- end }}
+
+{{/* KEDA's authentication to Prometheus: the authenticationRef of the triggers ({} = none). Context: the root. */}}
+{{- define "voicestack.keda.authenticationRef" -}}
+{{- $auth := .Values.autoscaling.keda.authentication | default dict }}
+{{- if $auth.secretTargetRef }}
+{{- toJson (dict "name" (printf "%s-prometheus" (include "voicestack.fullname" .))) }}
+{{- else if ($auth.existingRef | default dict).name }}
+{{- toJson $auth.existingRef }}
+{{- else }}{}
+{{- end }}
 {{- end }}
 
 {{/* HPA behavior block (also used inside KEDA's ScaledObject). */}}
@@ -171,6 +223,12 @@ metadata:
   namespace: {{ $root.Release.Namespace }}
   labels:
     {{- include "voicestack.stage.labels" . | nindent 4 }}
+  {{- if $root.Values.autoscaling.keda.transferHpaOwnership }}
+  annotations:
+    # Adopt the HPA of the same name (advanced.horizontalPodAutoscalerConfig.name) that the CPU or Prometheus
+    # Adapter mode left: without it KEDA's webhook refuses a ScaledObject whose Deployment an HPA already scales.
+    scaledobject.keda.sh/transfer-hpa-ownership: "true"
+  {{- end }}
 spec:
   scaleTargetRef:
     apiVersion: apps/v1
@@ -192,6 +250,16 @@ spec:
         serverAddress: {{ $root.Values.autoscaling.prometheus.serverAddress | quote }}
         query: {{ include "voicestack.stage.utilisationQuery" . | quote }}
         threshold: {{ $a.targetUtilization | toString | quote }}
+        # No series (Prometheus down, the targets lost) is an error, and the HPA keeps the replicas it has,
+        # rather than a 0 that would scale the stage to its minimum at peak.
+        ignoreNullValues: "false"
+        {{- with ($root.Values.autoscaling.keda.authentication | default dict).modes }}
+        authModes: {{ . | quote }}
+        {{- end }}
+      {{- with include "voicestack.keda.authenticationRef" $root | fromJson }}
+      authenticationRef:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
 {{- else -}}
 apiVersion: autoscaling/v2
 kind: HorizontalPodAutoscaler
@@ -267,7 +335,7 @@ timeoutSeconds: {{ .probe.timeoutSeconds }}
 - name: VOICESTACK_METRICS_PORT
   value: "9464"
 - name: VOICESTACK_NATS_URL
-  value: {{ $root.Values.nats.url | quote }}
+  value: {{ include "voicestack.nats.url" $root | quote }}
 {{- if $root.Values.nats.credentials.secretName }}
 - name: VOICESTACK_NATS_CREDS_FILE
   value: "/etc/voicestack/nats-creds/{{ $root.Values.nats.credentials.key }}"
@@ -276,6 +344,7 @@ timeoutSeconds: {{ .probe.timeoutSeconds }}
 - name: VOICESTACK_NATS_CA_FILE
   value: "/etc/voicestack/nats-ca/{{ $root.Values.nats.tls.caKey }}"
 {{- end }}
+{{- include "voicestack.nats.env" . }}
 - name: VOICESTACK_CAPACITY
   value: {{ $s.capacity | quote }}
 - name: VOICESTACK_DRAIN_SECONDS

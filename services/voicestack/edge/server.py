@@ -146,6 +146,8 @@ class EdgeService:
         self.capacity = settings.capacity
         self.admission = Admission(settings.api_keys_file)
         self.sessions: dict[str, Session] = {}
+        self._call_started: dict[str, float] = {}  # session id -> monotonic start
+        self._ended_call_seconds = 0.0
         self.calls = 0  # calls holding a place: admitted, starting or talking
         self._no_calls = asyncio.Event()
         self._no_calls.set()
@@ -177,10 +179,19 @@ class EdgeService:
     def listed(self, session: Session):
         """In `sessions` (for GoAway on drain) while the call lasts."""
         self.sessions[session.id] = session
+        self._call_started[session.id] = time.monotonic()
         try:
             yield
         finally:
             self.sessions.pop(session.id, None)
+            self._ended_call_seconds += time.monotonic() - self._call_started.pop(session.id)
+
+    @property
+    def conversation_seconds(self) -> float:
+        """Seconds of calls since start, those still talking included: what the stages'
+        compute seconds are divided by for a conversation-minute's cost."""
+        now = time.monotonic()
+        return self._ended_call_seconds + sum(now - started for started in self._call_started.values())
 
     def describe(self) -> dict:
         return {"model": "-", "device": "cpu"}
@@ -190,6 +201,7 @@ class EdgeService:
             "stage": "edge", "replica_id": self.settings.replica_id, **self.describe(),
             "active": self.active, "capacity": self.capacity, "served": self.served, "cancelled": 0,
             "refused": self.refused, "errors": self.errors, "started_at": self.started_at, "draining": self.draining,
+            "conversation_seconds": round(self.conversation_seconds, 3),
         }
 
     def add_to_grpc(self, server) -> None:
@@ -206,6 +218,8 @@ class EdgeService:
 
     async def start(self, nc, meters) -> None:
         self.meters = meters
+        if meters:
+            meters.observe_conversation(lambda: self.conversation_seconds)
         self.stages = StageClient(nc, peer_timeout=self.settings.peer_timeout_seconds)
         await self.stages.start()
         # HTTP tools and MCP servers are checked and listed once, here: a bad tools file

@@ -298,9 +298,10 @@ class LlmEngine(Protocol):
     model_name: str
 
     def stream(self, messages: list[dict], max_tokens: int, temperature: float,
-               tools: list[dict] | None = None) -> AsyncIterator[Delta]:
+               tools: list[dict] | None = None, session_id: str = "") -> AsyncIterator[Delta]:
         """Yield text deltas; the last one has finish_reason and the token totals (its text may be
-        empty), and with `tools` (OpenAI tool dicts) maybe tool_calls."""
+        empty), and with `tools` (OpenAI tool dicts) maybe tool_calls. `session_id` names the
+        conversation (a router in front of the model servers may keep it on one of them)."""
         ...
 
     async def fit(self, messages: list[dict], max_tokens: int, tools: list[dict] | None = None) -> Fitted:
@@ -325,6 +326,8 @@ class LlamaCppEngine:
     Measured on 2 cores: next turn after another session's turn 0.19 s to first token
     with it, 0.34 s without; right after its own turn 0.07 s either way.
     """
+
+    parallel = 1  # generations at a time (the stage's affinity takes a session only when idle)
 
     def __init__(
         self,
@@ -389,7 +392,7 @@ class LlamaCppEngine:
                                        CUTS_PER_ROOM, self.tools_tokens(tools))
 
     async def stream(self, messages: list[dict], max_tokens: int, temperature: float,
-                     tools: list[dict] | None = None) -> AsyncIterator[Delta]:
+                     tools: list[dict] | None = None, session_id: str = "") -> AsyncIterator[Delta]:
         if tools and not self._chat_template:
             raise invalid(f"{self.model_name} has no chat template in its GGUF, which tools need here: "
                           "send no tools, or use a model that has one")
@@ -669,10 +672,16 @@ class OpenAIEngine:
     Concurrency is the server's business (vLLM batches), so streams run in parallel.
     """
 
-    def __init__(self, base_url: str, model: str, api_key: str = "", timeout: float = 30.0):
+    def __init__(self, base_url: str, model: str, api_key: str = "", timeout: float = 30.0,
+                 health_url: str | None = None, session_header: str = ""):
         self.model_name = model
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._models_url = base_url.rstrip("/") + "/models"
+        # GET 200 while the server can take requests; None: not checked (always ready).
+        self.health_url = health_url
+        # The header that carries the session id, for a session-affine router in front of
+        # several servers (vLLM production-stack's --session-key); "" sends none.
+        self.session_header = session_header
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # The timeout also bounds the gap between two streamed chunks: a stalled server fails.
         self._client = httpx.AsyncClient(headers=headers, timeout=timeout)
@@ -696,6 +705,19 @@ class OpenAIEngine:
                 self.n_ctx = _max_model_len(resp, self.model_name) if resp.status_code == 200 else 0
             return self.n_ctx
 
+    async def healthy(self) -> bool:
+        """The server answers its health check (vLLM and llama.cpp's server: GET /health,
+        200 once the model is loaded, 503 while loading or broken). A server that answers
+        without one (404, 401 from a gateway...) is up: only no answer or a 5xx is down.
+        Unchecked: always up."""
+        if self.health_url is None:
+            return True
+        try:
+            resp = await self._client.get(self.health_url, timeout=min(self._timeout, 2.0))
+        except httpx.RequestError:
+            return False
+        return resp.status_code < 500
+
     async def fit(self, messages: list[dict], max_tokens: int, tools: list[dict] | None = None) -> Fitted:
         n_ctx = await self.context_length()
         if not n_ctx:
@@ -704,7 +726,7 @@ class OpenAIEngine:
         return trim_history(messages, _approximate_tokens, n_ctx, max_tokens, CUTS_PER_ROOM, tools_tokens)
 
     async def stream(self, messages: list[dict], max_tokens: int, temperature: float,
-                     tools: list[dict] | None = None) -> AsyncIterator[Delta]:
+                     tools: list[dict] | None = None, session_id: str = "") -> AsyncIterator[Delta]:
         body = {
             "model": self.model_name,
             "messages": messages,
@@ -725,7 +747,8 @@ class OpenAIEngine:
         try:
             # Leaving this block (aclose, cancel) closes the response: the server sees the
             # disconnect and stops generating.
-            async with self._client.stream("POST", self._url, json=body) as resp:
+            headers = {self.session_header: session_id} if self.session_header and session_id else None
+            async with self._client.stream("POST", self._url, json=body, headers=headers) as resp:
                 if resp.status_code != 200:
                     detail = (await resp.aread())[:300].decode(errors="replace")
                     if resp.status_code == 400:  # the request itself (too long for its context, say): no replica helps
@@ -839,7 +862,7 @@ class FixedLlm:
         self.reply = reply
 
     async def stream(self, messages: list[dict], max_tokens: int, temperature: float,
-                     tools: list[dict] | None = None) -> AsyncIterator[Delta]:
+                     tools: list[dict] | None = None, session_id: str = "") -> AsyncIterator[Delta]:
         words = self.reply.split(" ")[: max(1, max_tokens)]
         prompt = sum(len(m.get("content", "").split()) for m in messages)
         for n, word in enumerate(words, 1):
@@ -854,13 +877,24 @@ class FixedLlm:
         return None
 
 
+def health_url(settings: Settings) -> str | None:
+    """settings.llm_health_url: "" = the server root of llm_url + /health; "off" = none."""
+    if settings.llm_health_url == "off":
+        return None
+    if settings.llm_health_url:
+        return settings.llm_health_url
+    root = settings.llm_url.rstrip("/")
+    return (root[: -len("/v1")] if root.endswith("/v1") else root) + "/health"
+
+
 def build_engine(settings: Settings) -> LlmEngine:
     if settings.cheap_engines:
         return FixedLlm()
     if settings.llm_engine == "openai":
         if not settings.llm_url:
             raise SystemExit("llm: --llm-url (VOICESTACK_LLM_URL) is required with --llm-engine openai")
-        return OpenAIEngine(settings.llm_url, settings.llm_model or "default", api_key=settings.llm_api_key)
+        return OpenAIEngine(settings.llm_url, settings.llm_model or "default", api_key=settings.llm_api_key,
+                            health_url=health_url(settings), session_header=settings.llm_session_header)
     if settings.llm_engine == "llamacpp":
         return LlamaCppEngine(settings.llm_model or None, threads=settings.threads, device=settings.device)
     raise SystemExit(f"llm: unknown engine {settings.llm_engine!r}; use llamacpp or openai")

@@ -12,6 +12,7 @@ many messages it dropped (`voicestack.history.dropped`)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -40,6 +41,10 @@ MAX_TOKENS = 1024
 MAX_TOOLS = 128  # OpenAI's limit on tools in one request, as the edge allows a session
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # what OpenAI (and vLLM's templates) accept
 NO_PARAMETERS = {"type": "object", "properties": {}}  # parameters_json ""
+# How often the model server's health is asked: soon after it went down (or before it first
+# came up), less often while it is up.
+HEALTH_SECONDS_DOWN = 1.0
+HEALTH_SECONDS_UP = 3.0
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +144,56 @@ class LlmStage(Stage):
             raise ValueError(f"llm_pool must be one of {', '.join(POOLS)}, not {settings.llm_pool!r}")
         self.name = settings.llm_pool  # the pool's own subjects, Deployment and autoscaler
         self.engine = build_engine(settings)
+        self._server_up = True  # an engine in this process is always up
+        self._health_watch: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._server_up
+
+    @property
+    def parallel(self) -> int:
+        # llama.cpp in process: one generation at a time (its one KV cache); a server batches.
+        return getattr(self.engine, "parallel", self.capacity)
+
+    async def start(self, nc, meters) -> None:
+        # A model server in another process (vLLM) may still be loading, or restart: the
+        # replica takes streams only while it answers its health check.
+        if getattr(self.engine, "health_url", None):
+            self._server_up = await self.engine.healthy()
+            if not self._server_up:
+                log.warning("model server %s is not up yet: out of the queue group until it is",
+                            self.engine.health_url)
+            self._health_watch = asyncio.create_task(self._watch_model_server())
+        await super().start(nc, meters)
+
+    async def _watch_model_server(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_SECONDS_UP if self._server_up else HEALTH_SECONDS_DOWN)
+            up = await self.engine.healthy()
+            if up == self._server_up:
+                continue
+            self._server_up = up
+            if up:
+                log.info("model server %s is up: joining the queue group", self.engine.health_url)
+            else:
+                log.warning("model server %s is down: leaving the queue group until it is back",
+                            self.engine.health_url)
+            if self.endpoint:
+                with contextlib.suppress(Exception):
+                    await self.endpoint.update_queue_membership()
+            await self.on_readiness(up)
+
+    async def drain(self, deadline_seconds: float) -> None:
+        if self._health_watch:
+            self._health_watch.cancel()
+        await super().drain(deadline_seconds)
 
     def describe(self) -> dict:
         return {"model": self.engine.model_name, "device": self.settings.device, "engine": self.settings.llm_engine}
+
+    def snapshot(self) -> dict:
+        return {**super().snapshot(), "model_server_up": self._server_up}
 
     def add_to_grpc(self, server) -> None:
         llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmServicer(self), server)
@@ -175,26 +227,31 @@ class LlmStage(Stage):
                       "+ max_tokens %d within the context of %d", fitted.dropped, fitted.dropped + len(messages),
                       len(messages), fitted.prompt_tokens, max_tokens, fitted.n_ctx)
         first = True
-        # aclosing: a cancelled stream stops the engine now, not when garbage is collected.
-        async with contextlib.aclosing(
-                self.engine.stream(messages, max_tokens, request.temperature, **with_tools)) as deltas:
-            async for delta in deltas:
-                if first:
-                    first = False
-                    self.record("first_token", time.perf_counter() - started)
-                    span.add_event("first_token")
-                if delta.finish_reason:
-                    span.set_attribute("gen_ai.usage.output_tokens", delta.completion_tokens)
-                    span.set_attribute("gen_ai.usage.input_tokens", delta.prompt_tokens)
-                    span.set_attribute("gen_ai.response.finish_reasons", [delta.finish_reason])
-                if delta.tool_calls:
-                    span.set_attribute("voicestack.tools.called", [call["name"] for call in delta.tool_calls])
-                yield llm_pb2.GenerateResponse(
-                    text_delta=delta.text, finish_reason=delta.finish_reason,
-                    completion_tokens=delta.completion_tokens, prompt_tokens=delta.prompt_tokens,
-                    tool_calls=[tools_pb2.ToolCall(id=call["id"], name=call["name"], arguments_json=call["arguments"])
-                                for call in delta.tool_calls],
-                )
+        try:
+            # aclosing: a cancelled stream stops the engine now, not when garbage is collected.
+            async with contextlib.aclosing(
+                    self.engine.stream(messages, max_tokens, request.temperature,
+                                       session_id=context.session_id if context else "", **with_tools)) as deltas:
+                async for delta in deltas:
+                    if first:
+                        first = False
+                        self.record("first_token", time.perf_counter() - started)
+                        span.add_event("first_token")
+                    if delta.finish_reason:
+                        span.set_attribute("gen_ai.usage.output_tokens", delta.completion_tokens)
+                        span.set_attribute("gen_ai.usage.input_tokens", delta.prompt_tokens)
+                        span.set_attribute("gen_ai.response.finish_reasons", [delta.finish_reason])
+                    if delta.tool_calls:
+                        span.set_attribute("voicestack.tools.called", [call["name"] for call in delta.tool_calls])
+                    yield llm_pb2.GenerateResponse(
+                        text_delta=delta.text, finish_reason=delta.finish_reason,
+                        completion_tokens=delta.completion_tokens, prompt_tokens=delta.prompt_tokens,
+                        tool_calls=[tools_pb2.ToolCall(id=call["id"], name=call["name"], arguments_json=call["arguments"])
+                                    for call in delta.tool_calls],
+                    )
+        finally:  # a cancelled reply (barge-in) cost its time too
+            # (llama.cpp in process: compute. A model server's (vLLM): the stream's time, shared in its batch.)
+            self.add_compute(time.perf_counter() - started)
         self.record("generation", time.perf_counter() - started)
 
 
