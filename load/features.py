@@ -3,8 +3,9 @@
 - speculative replies off vs on (per session: same stack, sessions alternate);
 - STT finalization with and without decoding at speech pauses (`stt_pause_decode`),
   through the STT stage's own gRPC API at real-time pace: end of input -> final;
-- TTS time to first audio, clause vs sentence splitting (`tts_split`), text streamed
-  to the TTS stage at an LLM's pace;
+- TTS time to first audio, and to the first speech heard in it, by how the reply is cut
+  (`tts_split`: sentence, clause, phrase), replies streamed to the TTS stage at an LLM's
+  pace, the splits alternating `--rounds` times;
 - barge-in reaction: user speech start (in the audio) -> agent audio stopped.
 
 The STT and TTS variants restart that stage's process with the setting changed.
@@ -33,8 +34,15 @@ from voicestack.v1 import audio_pb2, edge_pb2, stt_pb2, stt_pb2_grpc, tts_pb2, t
 REPO = Path(__file__).resolve().parent.parent
 QUESTIONS = ("What is the capital of France?", "Why is the sky blue?", "How far away is the moon?")
 STORY = "You are a storyteller. Always answer with a very long story of at least twenty sentences."
-TTS_TEXT = ("The capital of France is Paris, a city of light and art, "
-            "and it is lovely in the spring when the trees are green.")
+# Replies as a small LLM writes them: a first clause of 4+ words, an opening word, long first sentences.
+TTS_REPLIES = ("The capital of France is Paris, a city of light and art, "
+               "and it is lovely in the spring when the trees are green.",
+               "Sure, the sky looks blue because the air scatters blue light more than red light.",
+               "The moon is about three hundred and eighty four thousand kilometres away from the Earth.",
+               "Yes, Paris is the capital of France and its largest city.",
+               "I think the best time to visit Paris is in the spring when the weather is mild and the parks are green.")
+TTS_SPLITS = ("sentence", "clause", "phrase")
+QUIET = 0.01 * 32767  # audio.trim_quiet's threshold: below it, nothing is heard yet
 LLM_TOKEN_SECONDS = 0.01  # the embedded LLM writes ~100 tokens/s
 
 
@@ -85,25 +93,67 @@ async def stt_finalization(address: str, turns: int) -> list[float]:
     return latencies
 
 
-async def tts_first_audio(address: str, turns: int) -> list[float]:
-    """First text in -> first audio out, the reply arriving word by word as from an LLM."""
-    latencies = []
-    for _ in range(turns):
+async def tts_first_audio(address: str, replies=TTS_REPLIES) -> list[dict]:
+    """Per reply: first text in -> first audio out, and -> the first speech in that audio
+    (played from its first byte: the quiet before the voice is waited through too), the
+    reply arriving word by word as from an LLM."""
+    out = []
+    for reply in replies:
         first_text = 0.0
 
         async def requests():
             nonlocal first_text
             yield tts_pb2.SynthesizeRequest(config=tts_pb2.TtsConfig())
             first_text = time.monotonic()
-            for word in TTS_TEXT.split(" "):
+            for word in reply.split(" "):
                 yield tts_pb2.SynthesizeRequest(text=word + " ")
                 await asyncio.sleep(LLM_TOKEN_SECONDS)
 
+        first_byte, heard, rate = None, 0, 24000
         async with grpc.aio.insecure_channel(address) as channel:
             async for result in tts_pb2_grpc.TtsServiceStub(channel).Synthesize(requests()):
-                latencies.append((time.monotonic() - first_text) * 1000)
-                break
-    return latencies
+                if first_byte is None:
+                    first_byte = (time.monotonic() - first_text) * 1000
+                rate = result.audio.sample_rate_hz or rate
+                pcm = np.frombuffer(result.audio.pcm, "<i2")
+                loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > QUIET)
+                if len(loud):
+                    heard += int(loud[0])
+                    break
+                heard += len(pcm)
+        out.append({"first_audio_ms": first_byte, "first_speech_ms": first_byte + heard / rate * 1000})
+    return out
+
+
+def kokoro_lead_quiet(replies=TTS_REPLIES) -> dict:
+    """The quiet before the voice in Kokoro's own output for each reply's first words, and
+    after the TTS stage trims it (tts/server.py LEAD_MS): what a caller waits through."""
+    from voicestack.audio import trim_quiet
+    from voicestack.tts.engine import KokoroEngine, split_clauses
+    from voicestack.tts.server import LEAD_MS, TAIL_MS
+
+    engine = KokoroEngine()
+    raw, trimmed = [], []
+    for reply in replies:
+        first = split_clauses(reply, final=True, first=True)[0][0]
+        audio = engine.synthesize(first)
+        for out, pcm in ((raw, audio), (trimmed, trim_quiet(audio, engine.sample_rate, LEAD_MS, TAIL_MS))):
+            loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > QUIET)
+            out.append(loud[0] / engine.sample_rate * 1000 if len(loud) else float("nan"))
+    return {"kokoro": summarize(raw), "trimmed": summarize(trimmed)}
+
+
+async def tts_splits(stack: Stack, rounds: int) -> dict:
+    """Each split in turn (the TTS stage restarted with it), `rounds` times over."""
+    rows: dict[str, list[dict]] = {split: [] for split in TTS_SPLITS}
+    for round_ in range(rounds):
+        for split in TTS_SPLITS:
+            address = restart(stack, "tts", tts_split=split)
+            rows[split] += await tts_first_audio(address)
+            heard = ", ".join(f"{r['first_speech_ms']:.0f}" for r in rows[split][-len(TTS_REPLIES):])
+            log(f"  tts_split={split} (round {round_ + 1}/{rounds}): first speech {heard} ms")
+    return {split: {"first_audio": summarize(r["first_audio_ms"] for r in got),
+                    "first_speech": summarize(r["first_speech_ms"] for r in got)} for split, got in rows.items()}
 
 
 async def barge_in(edge: str, turns: int) -> list[float]:
@@ -154,8 +204,8 @@ async def measure(stack: Stack, turns: int, parts=PARTS) -> dict:
         off, on = await with_and_without(stack, "stt", stt_finalization, turns, stt_pause_decode="false")
         result["stt_final"] = {"pause_decode_off": off, "pause_decode_on": on}
     if "tts" in parts:
-        sentence, clause = await with_and_without(stack, "tts", tts_first_audio, turns, tts_split="sentence")
-        result["tts_first_audio"] = {"sentence": sentence, "clause": clause}
+        result["tts_first_audio"] = await tts_splits(stack, max(1, turns // 2))
+        result["tts_lead_quiet"] = kokoro_lead_quiet()
     return result
 
 
@@ -178,9 +228,12 @@ def markdown(result: dict) -> str:
     if "stt_final" in result:
         rows += [row("STT finalization, decode at end only (before)", result["stt_final"]["pause_decode_off"]),
                  row("STT finalization, decode at speech pauses (after)", result["stt_final"]["pause_decode_on"])]
-    if "tts_first_audio" in result:
-        rows += [row("TTS first audio, whole sentence (before)", result["tts_first_audio"]["sentence"]),
-                 row("TTS first audio, first clause (after)", result["tts_first_audio"]["clause"])]
+    if "tts_lead_quiet" in result:
+        rows += [row("quiet before the voice, Kokoro's output (before)", result["tts_lead_quiet"]["kokoro"]),
+                 row("quiet before the voice, as the TTS stage sends it (after)", result["tts_lead_quiet"]["trimmed"])]
+    for split, got in result.get("tts_first_audio", {}).items():
+        rows += [row(f"TTS first audio, tts_split={split}", got["first_audio"]),
+                 row(f"TTS first speech heard, tts_split={split}", got["first_speech"])]
     return table(["measurement", "p50 ms", "p95 ms", "n"], rows)
 
 

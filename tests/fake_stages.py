@@ -152,6 +152,7 @@ class FakeStages:
         self.llm_requests: list[llm_pb2.GenerateRequest] = []
         self.tool_calls: deque = deque()  # (preamble, [ToolCall]): the next LLM round offered tools makes these
         self.replies = 0
+        self.asked_replicas: list[tuple[str, str]] = []  # (stage, replica asked for: "" = any) per open
         self.ms_per_word = MS_PER_WORD  # of TTS audio: longer keeps a reply speaking (paced) longer
 
     def fail(self, stage: str, point: str, code: grpc.StatusCode = grpc.StatusCode.INTERNAL) -> None:
@@ -163,6 +164,9 @@ class FakeStages:
         if failure and failure[0] == "open":
             raise StageError(failure[1], f"{contract.name} refused the open (scripted)", contract.name)
         stream = FakeStream(self, contract.name, first, failure)
+        self.asked_replicas.append((contract.name, replica))
+        if replica:  # a replica asked for by name takes it (it has room, here)
+            stream.replica_id = replica
         self.opened.append(stream)
         return stream
 

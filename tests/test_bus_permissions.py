@@ -215,6 +215,16 @@ CHECKS = (check_no_credentials_refused, check_stage_cannot_read_another_stages_t
           check_status_reads_only_the_service_api, check_every_role_has_exactly_its_inbox)
 
 
+async def run_all(probe: PermissionProbe) -> None:
+    """Every check, each on fresh connections; the probe closed after."""
+    try:
+        for check in CHECKS:
+            await check(probe)
+            await probe.close()
+    finally:
+        await probe.close()
+
+
 # ----------------------------------------------------------------- the embedded default
 
 
@@ -349,13 +359,7 @@ def tls_stack(tmp_path_factory, nats_certs):
 
 async def test_the_bus_over_tls_keeps_the_permissions(tls_stack):
     assert tls_stack.nats_url.startswith("tls://")
-    probe = PermissionProbe(tls_stack.nats_url, stack_options(tls_stack))
-    try:
-        for check in CHECKS:
-            await check(probe)
-            await probe.close()
-    finally:
-        await probe.close()
+    await run_all(PermissionProbe(tls_stack.nats_url, stack_options(tls_stack)))
 
 
 async def test_the_bus_over_tls_refuses_plaintext_and_unknown_servers(tls_stack, nats_certs):

@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from test_bus_permissions import CHECKS, PermissionProbe
+from test_bus_permissions import PermissionProbe, run_all
 from test_chart import (CHART, KUBE_VERSION, NAMESPACE, RELEASE, deployments, env_of, helm_error,
                         of_kind, pod_spec, run_helm, stage_container)
 from voicestack import bus_permissions
@@ -227,13 +227,7 @@ def role_options(secret: dict[str, str]):
 
 
 async def run_checks(url: str, secret: dict[str, str], roles=bus_permissions.ROLES) -> None:
-    probe = PermissionProbe(url, role_options(secret), roles)
-    try:
-        for check in CHECKS:
-            await check(probe)
-            await probe.close()
-    finally:
-        await probe.close()
+    await run_all(PermissionProbe(url, role_options(secret), roles))
 
 
 async def test_the_rendered_chart_config_enforces_the_permissions(helm, tmp_path):

@@ -115,8 +115,10 @@ def test_talk_runs_the_client_tools_of_its_tools_file(stack, edge_address, tmp_p
     write_wav(wav, float_to_pcm16(np.concatenate([silence(300), speak("What time is it?", tmp_path)])), PIPELINE_RATE)
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps({"tools": [{**TIME_TOOL, "command": ["date", "+%H:%M"]}]}))
+    # (In 60 ms frames: the edge takes 10-100 ms, and talk sends what it is told.)
     done = subprocess.run([sys.executable, "-m", "voicestack", "talk", "--wav", str(wav), "--tools", str(tools),
-                           "--out", str(tmp_path / "reply.wav"), "--address", edge_address, "--timeout", "90"],
+                           "--out", str(tmp_path / "reply.wav"), "--address", edge_address, "--timeout", "90",
+                           "--frame-ms", "60"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (done.stdout, done.stderr)
     assert re.search(r"tool call:  get_time\(\{\}\) -> '\d\d:\d\d'", done.stdout), done.stdout

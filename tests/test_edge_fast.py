@@ -74,6 +74,26 @@ async def test_a_turn_is_answered_and_the_history_kept():
     assert not call.stages.open_streams()
 
 
+async def test_a_session_asks_the_llm_replica_of_its_last_turn_first():
+    """Prefix-cache affinity (#18): the second turn's request goes first to the replica
+    that served the first, where the conversation is still in its KV cache."""
+    async with Call() as call:
+        await call.say(400, "what is the time")
+        await call.wait(lambda: call.ended(1))
+        first = [s for s in call.stages.opened if s.stage == "llm"][-1].replica_id
+        await call.say(400, "and the date")
+        await call.wait(lambda: call.ended(2))
+        await call.hang_up()
+    assert [replica for stage, replica in call.stages.asked_replicas if stage == "llm"] == ["", first]
+
+    async with Call(fast_settings(llm_affinity=False)) as call:  # off: any replica, every turn
+        for index, words in enumerate(("what is the time", "and the date"), 1):
+            await call.say(400, words)
+            await call.wait(lambda: call.ended(index))
+        await call.hang_up()
+    assert [replica for stage, replica in call.stages.asked_replicas if stage == "llm"] == ["", ""]
+
+
 STAGE_FAILURES = [(stage, point) for stage, points in {
     "stt": ("open", "first", "end", "stall"),
     "llm": ("open", "first", "mid", "end", "stall"),

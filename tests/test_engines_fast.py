@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import os
 import re
 import socket
 import struct
@@ -16,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
+from voicestack import audio, config
 from voicestack.config import Settings
 from voicestack.errors import as_stage_error
 from voicestack.llm import engine as llm
@@ -74,6 +76,54 @@ def test_split_clauses_waits_for_a_clause_worth_saying():
     assert ready == ["Yes, it is.", "The capital of France,"] and rest == "as you know, is Par"
     assert tts.split_clauses(rest, final=True) == (["as you know, is Par"], "")
     assert tts.split_clauses("One, two three four, five. Six", clauses=False) == (["One, two three four, five."], "Six")
+
+
+def test_the_first_unit_of_a_reply_ends_at_its_first_natural_break():
+    """#18: the caller waits for the first unit; later ones keep whole clauses."""
+    assert tts.split_clauses("Sure, the capital is Paris. It", first=True) == (["Sure,", "the capital is Paris."], "It")
+    assert tts.split_clauses("Sure, the capital is Paris. It") == (["Sure, the capital is Paris."], "It")
+    # A long first sentence breaks before a word that starts a phrase, never before FIRST_UNIT_WORDS.
+    long = "Paris is the capital of France and its largest city, with"
+    assert tts.split_clauses(long, first=True) == (["Paris is the capital of France", "and its largest city,"], "with")
+    assert tts.split_clauses("Paris and Lyon are cities and", first=True) == ([], "Paris and Lyon are cities and")
+    # ... not inside a number, and a bracket starts a phrase too; with no break at all, at ten words.
+    moon = "The moon is about three hundred and eighty four thousand kilometres away from the Earth."
+    assert tts.split_clauses(moon, first=True) == (
+        ["The moon is about three hundred and eighty four thousand", "kilometres away from the Earth."], "")
+    assert tts.split_clauses("The moon is approximately 250,768.143 miles (about 409,626 km) away.", first=True) == (
+        ["The moon is approximately 250,768.143 miles", "(about 409,626 km) away."], "")
+    assert tts.split_clauses("one two three four five six seven eight nine ten", first=True)[0] == []  # the 10th may go on
+    # A sentence end is complete when written, not at the next token; one that may go on waits.
+    assert tts.split_clauses("Paris is the capital of France.") == (["Paris is the capital of France."], "")
+    for going_on in ("The answer is 3.", "Ask Dr.", "That is, e.g.", "Plan B."):
+        assert tts.split_clauses(going_on) == ([], going_on), going_on
+    assert tts.split_clauses("It costs 3.5 euros.") == (["It costs 3.5 euros."], "")
+    # Sentence mode keeps whole sentences, the first too.
+    assert tts.split_clauses("Sure, it is. No", clauses=False, first=True) == (["Sure, it is."], "No")
+
+
+def test_trim_quiet_keeps_a_short_lead_in_and_pause():
+    rate = 24000
+    loud = np.full(rate // 10, 10000, np.int16)  # 100 ms
+    pcm = np.concatenate([np.zeros(rate // 2, np.int16), loud, np.zeros(rate, np.int16)])
+    trimmed = audio.trim_quiet(pcm, rate, lead_ms=60, tail_ms=250)
+    assert len(trimmed) == int(0.06 * rate) + len(loud) + int(0.25 * rate)
+    assert np.array_equal(trimmed[int(0.06 * rate): int(0.06 * rate) + len(loud)], loud)
+    assert len(audio.trim_quiet(pcm, rate, lead_ms=60)) == len(pcm) - int(0.44 * rate)  # the end left as it was
+    silent = np.zeros(rate, np.int16)
+    assert audio.trim_quiet(silent, rate, 60, 250) is silent  # nothing loud: nothing to cut against
+
+
+def test_cpu_share_reads_the_containers_cpu_limit(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs
+    assert config.cpu_share(str(tmp_path)) == min(2, len(os.sched_getaffinity(0)))
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # no limit: the CPUs it may run on
+    assert config.cpu_share(str(tmp_path)) == len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()  # cgroup v1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert config.cpu_share(str(tmp_path)) == 1
 
 
 def test_decode_schedule_decodes_at_a_pause_and_then_has_the_final():

@@ -51,6 +51,20 @@ def test_table_is_markdown_with_numbers_right_aligned():
     assert "|" not in plain and plain.splitlines()[2] == "x  1"
 
 
+def test_cost_per_conversation_minute_prices_compute_and_calls_per_gpu():
+    from load.cost import MODEL_STAGES, price
+
+    measured = {"compute_per_minute": {"vad": 1.0, "stt": 6.0, "llm": 3.0, "tts": 18.0}}
+    priced = price(measured, core_hour=0.036, utilisation=0.5, gpu_hour=3.0, stt_per_gpu=100, llm_per_gpu=50,
+                   tts_per_gpu=200)
+    # On cores: compute seconds at the core-second price, doubled by the 50% headroom.
+    assert priced["cpu"]["tts"] == 18.0 * 0.036 / 3600 / 0.5
+    assert priced["cpu_total"] == sum(priced["cpu"].values()) == 28.0 * 0.036 / 3600 / 0.5
+    # On GPUs: a GPU-minute shared by the calls one GPU carries; the VAD stays on cores.
+    assert priced["gpu"]["llm"] == 3.0 / 60 / 50 and priced["gpu"]["vad"] == priced["cpu"]["vad"]
+    assert set(priced["gpu"]) == set(MODEL_STAGES)
+
+
 def test_one_session_one_turn_against_the_stack(edge_address, tmp_path):
     out = tmp_path / "load.json"
     run = subprocess.run(

@@ -34,6 +34,19 @@ def float_to_pcm16(audio: np.ndarray) -> bytes:
     return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
+def trim_quiet(pcm: np.ndarray, rate: int, lead_ms: float | None = None, tail_ms: float | None = None,
+               threshold: float = 0.01) -> np.ndarray:
+    """int16 audio with its quiet start (and end) cut to at most lead_ms (tail_ms); None
+    leaves that end as it is. Quiet: below `threshold` of full scale, so the cut falls in
+    near-silence and makes no click."""
+    loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > threshold * 32767)
+    if not len(loud):
+        return pcm
+    start = max(0, loud[0] - int(lead_ms * rate / 1000)) if lead_ms is not None else 0
+    end = min(len(pcm), loud[-1] + 1 + int(tail_ms * rate / 1000)) if tail_ms is not None else len(pcm)
+    return pcm[start:end]
+
+
 def resample(audio: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     """Windowed-sinc low-pass plus linear interpolation: enough for speech models,
     no extra dependency."""

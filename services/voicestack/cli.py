@@ -270,7 +270,7 @@ async def _talk(args) -> int:
             credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
     conversation = await converse(args.address, audio, config=config, speed=args.speed, timeout=args.timeout,
                                   metadata=metadata, credentials=credentials, no_speech_grace=NO_SPEECH_GRACE_SECONDS,
-                                  tools=tool_functions)
+                                  tools=tool_functions, frame_ms=args.frame_ms)
     if conversation.status.name != "OK":
         print(f"talk: {conversation.status.name}: {conversation.details}", file=sys.stderr)
         return 1
@@ -328,6 +328,9 @@ def add_talk_flags(parser) -> None:
     parser.add_argument("--wav", required=True, help="WAV to speak (any rate/channels; converted)")
     parser.add_argument("--out", default="REPLY.wav", help="where to write the agent's audio")
     parser.add_argument("--address", default="127.0.0.1:50051", help="the edge's gRPC address")
+    parser.add_argument("--frame-ms", type=int, default=20, choices=range(10, 101, 10), metavar="10-100",
+                        help="audio per request, in steps of 10 ms (default 20; 60 spends about a quarter less of "
+                             "the edge's CPU for up to 40 ms more buffering here)")
     parser.add_argument("--speed", type=float, default=1.0, help="stream at this multiple of real time")
     parser.add_argument("--voice", default="")
     parser.add_argument("--system-prompt", default="")

@@ -154,6 +154,7 @@ async def converse(
     on_event=None,
     no_speech_grace: float | None = None,
     tools: dict[str, ToolFunction] | None = None,
+    frame_ms: int = FRAME_MS,
 ) -> Conversation:
     """Stream `audio` (float32, 16 kHz) at `speed` x real time, then silence like an
     open microphone until `expect_turns` replies have ended (or `timeout`).
@@ -174,7 +175,7 @@ async def converse(
     if not config.input_format.sample_rate_hz:
         config.input_format.sample_rate_hz = PIPELINE_RATE
         config.input_format.encoding = audio_pb2.AUDIO_ENCODING_PCM16
-    frame_seconds = FRAME_MS / 1000 / speed
+    frame_seconds = frame_ms / 1000 / speed
     answers: asyncio.Queue = asyncio.Queue()  # ToolResults, sent between frames
     running: dict[str, asyncio.Task] = {}
 
@@ -190,19 +191,19 @@ async def converse(
             conversation.tool_results.append(result)
             yield edge_pb2.ConverseRequest(tool_result=result)
     # A session that asks for a longer end-of-turn silence needs more of it after the audio.
-    trailing_frames = max(TRAILING_SILENCE_MS, config.endpointing.silence_ms + 400) // FRAME_MS
+    trailing_frames = max(TRAILING_SILENCE_MS, config.endpointing.silence_ms + 400) // frame_ms
 
     async def requests():
         yield edge_pb2.ConverseRequest(config=config)
         start = time.monotonic()
         sent = 0
-        for pcm in frames(audio):
+        for pcm in frames(audio, frame_ms):
             for answer in next_frames():
                 yield answer
             yield edge_pb2.ConverseRequest(audio=edge_pb2.AudioFrame(pcm=pcm))
             sent += 1
             await asyncio.sleep(max(0.0, start + sent * frame_seconds - time.monotonic()))
-        quiet = frames(silence(FRAME_MS))[0]
+        quiet = frames(silence(frame_ms), frame_ms)[0]
         trailing = 0
         while not done.is_set():
             for answer in next_frames():

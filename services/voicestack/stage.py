@@ -62,6 +62,13 @@ class Stage:
         runs fewer at once and queues the rest)."""
         return self.capacity
 
+    def takes_named(self) -> bool:
+        """Whether a stream asked of this replica by name (a session's affinity) is taken: when
+        it starts at once. An engine that works on one stream at a time keeps the session's
+        prefix warm for any session anyway (they share the system prompt; load/affinity.py),
+        and sticking to it only queues the session behind another: it sends them to the group."""
+        return self.parallel > 1 and self.active < self.parallel
+
     @property
     def ready(self) -> bool:
         """Able to serve at all (the LLM stage: while its model server is up)."""
@@ -82,7 +89,7 @@ class Stage:
             nc, self.name, self.settings.replica_id, self.capacity, self._counted, self.request_type,
             peer_timeout=self.settings.peer_timeout_seconds, stream_spans=self.stream_spans,
             on_refused=self._refused, in_flight=lambda: self.active, ready=lambda: self.ready,
-            takes_named=lambda: self.active < self.parallel,
+            takes_named=self.takes_named,
         )
         await self.endpoint.start()
 

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry.trace import Status, StatusCode
@@ -63,6 +63,11 @@ class GenerationContext:
     goodbye_text: str = "Goodbye."
     processors: ProcessorChain = NO_PROCESSORS
     recording: object = None  # recording.CallRecording, once the caller consented
+    # Per LLM pool, the stream of this session's last request: the next is asked first on
+    # the replica that served it (after any failover), where the conversation's prefix is
+    # still in the KV cache.
+    last_llm_streams: dict = field(default_factory=dict)
+    llm_affinity: bool = True
 
 
 async def together(*coroutines) -> None:
@@ -273,7 +278,7 @@ async def _open_llm_round(ctx: GenerationContext, handle: SpeechHandle, messages
     current.sent = time.monotonic()
     with telemetry.in_span(current.span):  # the stage's own spans become children of this one
         try:
-            current.stream = await ctx.stages.open(contract, request, session_id=ctx.session_id)
+            current.stream = await _open_llm(ctx, contract, request, current.span)
         except StageError as error:
             # No strong replica, or none with room: the fast pool answers rather than nobody.
             if contract is llm.CONTRACT or error.code not in FALLBACK_CODES:
@@ -282,7 +287,19 @@ async def _open_llm_round(ctx: GenerationContext, handle: SpeechHandle, messages
             metrics.llm_route_reason += f"; {contract.name} {error.code.name.lower()}, fell back to {llm.CONTRACT.name}"
             current.span.set_attribute("voicestack.llm.route", llm.CONTRACT.name)
             current.span.set_attribute("voicestack.llm.route_reason", metrics.llm_route_reason)
-            current.stream = await ctx.stages.open(llm.CONTRACT, request, session_id=ctx.session_id)
+            current.stream = await _open_llm(ctx, llm.CONTRACT, request, current.span)
+
+
+async def _open_llm(ctx: GenerationContext, contract, request, span):
+    """On the replica of the session's last request while it has room (prefix-cache
+    affinity), else on any replica of the pool."""
+    previous = getattr(ctx.last_llm_streams.get(contract.name), "replica_id", "") if ctx.llm_affinity else ""
+    stream = await ctx.stages.open(contract, request, session_id=ctx.session_id, replica=previous)
+    ctx.last_llm_streams[contract.name] = stream
+    replica = getattr(stream, "replica_id", "")
+    span.set_attribute("voicestack.llm.replica", replica)
+    span.set_attribute("voicestack.llm.affinity", "first" if not previous else "kept" if replica == previous else "moved")
+    return stream
 
 
 async def perform_llm_rounds(ctx: GenerationContext, handle: SpeechHandle, messages: list, current: LlmRound,
@@ -346,7 +363,7 @@ async def perform_llm_inference(ctx: GenerationContext, handle: SpeechHandle, ll
 
     async def say_clauses(final: bool = False) -> None:
         nonlocal unprocessed
-        clauses, unprocessed = split_clauses(unprocessed, final=final)
+        clauses, unprocessed = split_clauses(unprocessed, final=final, first=not handle.text.strip())
         for clause in clauses:
             await say(await ctx.processors.clause(clause, span) + " ")
 

@@ -120,7 +120,8 @@ class Session:
             temperature=settings.llm_temperature, max_tokens=config.max_reply_tokens,
             audio_lead_ms=settings.audio_lead_ms, stall_seconds=settings.stage_stall_seconds,
             tools=tools, client_tools=ClientToolCalls(self.output),
-            tool_failure_text=settings.tool_failure_text, goodbye_text=settings.goodbye_text, processors=processors)
+            tool_failure_text=settings.tool_failure_text, goodbye_text=settings.goodbye_text, processors=processors,
+            llm_affinity=settings.llm_affinity)
         self.processors = processors
         # Recording (recording.py): with a store, from the caller's consent to the end of the call.
         self.recording_store = recording_store

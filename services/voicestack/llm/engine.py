@@ -327,7 +327,7 @@ class LlamaCppEngine:
     with it, 0.34 s without; right after its own turn 0.07 s either way.
     """
 
-    parallel = 1  # generations at a time (the stage's affinity takes a session only when idle)
+    parallel = 1  # generations at a time: one, so the stage takes no session by affinity (stage.takes_named)
 
     def __init__(
         self,

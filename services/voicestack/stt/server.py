@@ -47,7 +47,9 @@ class SttStage(Stage):
     async def _decode(self, pcm: bytes, language: str) -> tuple[Heard, float]:
         started = time.perf_counter()
         heard = await asyncio.to_thread(self.engine.transcribe_heard, pcm16_to_float(pcm), language)
-        return heard, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.add_compute(seconds)  # interim decodes too: they cost as much
+        return heard, seconds
 
     async def stream(self, requests, context):
         config = await first_message(requests, "config", "an SttConfig")
@@ -99,7 +101,6 @@ class SttStage(Stage):
         audio_seconds = len(audio) / 2 / PIPELINE_RATE
         self.record("final", seconds)
         if self.meters:
-            self.meters.compute_seconds.add(seconds, {"stage": self.name})
             self.meters.audio_seconds.add(audio_seconds, {"stage": self.name})
         span = trace.get_current_span()
         span.set_attribute("voicestack.model", self.describe()["model"])

@@ -23,7 +23,7 @@ import threading
 import numpy as np
 
 from voicestack import models
-from voicestack.config import Settings
+from voicestack.config import Settings, cpu_share
 
 # The model's context is 512 tokens; two of them are the padding ids around a chunk.
 MAX_TOKENS = 510
@@ -34,6 +34,20 @@ _PHONEME_BREAK = re.compile(r"(?<=[.!?;:,—…])\s+")
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*\s")
 _CLAUSE_END = re.compile(r"[,;:]\s")
 MIN_CLAUSE_WORDS = 4
+# The reply's first unit is what the caller waits for (Kokoro's time grows with the text):
+# it ends at the first natural break, a comma after a word ("Sure, ..."), or, in a long
+# first sentence, before a word or bracket that starts a new phrase once FIRST_UNIT_WORDS
+# are written ("Paris is the capital of France | and its largest city."); with no such
+# break, at FIRST_UNIT_MAX_WORDS words ("The moon is about three hundred and | eighty...").
+FIRST_CLAUSE_WORDS = 1
+FIRST_UNIT_WORDS = 6
+FIRST_UNIT_MAX_WORDS = 10
+_IN_A_NUMBER = re.compile(r"^(?:hundred|thousand|million|billion|\d[\d,.]*)$", re.IGNORECASE)  # "... hundred and eighty"
+_PHRASE_START = re.compile(r"\s(?=(?:(?:and|but|so|because|which|who|where|when|while|although|or)\s|[(\[—–]))",
+                           re.IGNORECASE)
+# A sentence end with nothing after it yet is complete, unless it may go on: "Dr." "3." "e.g."
+_SENTENCE_END_AT_END = re.compile(r"[.!?]+[\"')\]]*$")
+_NOT_AN_END = re.compile(r"(?:\b(?:mr|mrs|ms|dr|st|vs|etc|e\.g|i\.e|no|approx)|\d|\b[a-z])\.$", re.IGNORECASE)
 SECONDS_PER_CHAR = 0.065  # SilentTts: about how fast Kokoro speaks English text
 
 # espeak-ng output, rewritten for symbols Kokoro's vocab lacks (as Kokoro's own
@@ -47,14 +61,24 @@ LANGUAGES = {"en": ("en-us", ""), "fr": ("fr-fr", "ff_siwis"), "es": ("es", "ef_
              "pt": ("pt-br", "pf_dora"), "hi": ("hi", "hf_alpha"), "de": ("de", "if_sara")}
 
 
-def split_clauses(text: str, final: bool = False, clauses: bool = True) -> tuple[list[str], str]:
-    """Clauses (or, with clauses=False, sentences) ready to speak, and the rest still being written."""
+def split_clauses(text: str, final: bool = False, clauses: bool = True,
+                  first: bool = False) -> tuple[list[str], str]:
+    """Clauses (or, with clauses=False, sentences) ready to speak, and the rest still being
+    written. `first`: nothing of the reply is spoken yet, so its first unit ends at the
+    first natural break (FIRST_CLAUSE_WORDS, FIRST_UNIT_WORDS)."""
     ready = []
     while True:
+        opening = first and not ready
         match = _SENTENCE_END.search(text)
         clause = _CLAUSE_END.search(text) if clauses else None
-        if clause and (not match or clause.start() < match.start()) and len(text[: clause.end()].split()) >= MIN_CLAUSE_WORDS:
+        least = FIRST_CLAUSE_WORDS if opening else MIN_CLAUSE_WORDS
+        if clause and (not match or clause.start() < match.start()) and len(text[: clause.end()].split()) >= least:
             match = clause
+        if opening and clauses and (phrase := _phrase_break(text)) and (not match or phrase.start() < match.start()):
+            match = phrase
+        if not match and not final and (end := _SENTENCE_END_AT_END.search(text.rstrip())) \
+                and not _NOT_AN_END.search(text.rstrip()[: end.start() + 1]):
+            match = end  # "France." with nothing after it yet: complete now, not at the next token
         if not match:
             break
         head, text = text[: match.end()].strip(), text[match.end():]
@@ -64,6 +88,21 @@ def split_clauses(text: str, final: bool = False, clauses: bool = True) -> tuple
         ready.append(text.strip())
         text = ""
     return ready, text
+
+
+def _phrase_break(text: str):
+    """In a first sentence written this far without a break: the space before a word that
+    starts a new phrase, once FIRST_UNIT_WORDS words come before it; else the space after
+    FIRST_UNIT_MAX_WORDS whole words."""
+    for match in _PHRASE_START.finditer(text):
+        before = text[: match.start()].split()
+        if len(before) >= FIRST_UNIT_WORDS and not _IN_A_NUMBER.search(before[-1]):
+            return match
+    spaces = list(re.finditer(r"\s+", text.lstrip()))
+    if len(spaces) >= FIRST_UNIT_MAX_WORDS:  # FIRST_UNIT_MAX_WORDS words, each ended by a space
+        offset = len(text) - len(text.lstrip())
+        return re.compile(r"\s+").search(text, offset + spaces[FIRST_UNIT_MAX_WORDS - 1].start())
+    return None
 
 
 def _load_phonemizer(espeak_language: str = "en-us"):
@@ -231,7 +270,8 @@ class SilentTts:
 def build_engine(settings: Settings) -> KokoroEngine | SilentTts:
     if settings.cheap_engines:
         return SilentTts()
-    engine = KokoroEngine(device=settings.device, threads=settings.threads)
+    # onnxruntime's default pool is one thread per core of the node, not of the pod's CPU limit.
+    engine = KokoroEngine(device=settings.device, threads=settings.threads or cpu_share())
     # One synthesis before the replica takes streams: onnxruntime's first run allocates and
     # plans (seconds on a small CPU), and a stream failed over to a cold replica waits for it.
     engine.synthesize("Hello there.")

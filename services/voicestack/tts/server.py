@@ -10,6 +10,7 @@ import time
 from opentelemetry import trace
 
 from voicestack.bus import TTS_VOICES_SUBJECT
+from voicestack.audio import trim_quiet
 from voicestack.config import Settings
 from voicestack.errors import invalid
 from voicestack.stage import Stage, first_message
@@ -18,7 +19,13 @@ from voicestack.tts.engine import build_engine, split_clauses
 from voicestack.v1 import audio_pb2, tts_pb2, tts_pb2_grpc
 
 CHUNK_SECONDS = 0.1  # agent audio leaves in 100 ms chunks: barge-in drops at most that much queued
+# Kokoro starts each clause with about 330 ms of quiet and ends it with 360-570 ms: the
+# caller would wait through the first, and hear 0.7-0.9 s pauses between clauses. Kept: a
+# short lead-in and a natural pause after a clause.
+LEAD_MS = 60
+TAIL_MS = 250
 MAX_PENDING_CHARS = 4000
+SPLITS = ("phrase", "clause", "sentence")  # settings.tts_split
 
 
 class TtsStage(Stage):
@@ -28,6 +35,8 @@ class TtsStage(Stage):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
+        if settings.tts_split not in SPLITS:
+            raise ValueError(f"tts_split must be one of {', '.join(SPLITS)}, not {settings.tts_split!r}")
         self.engine = build_engine(settings)
         self.voices = set(self.engine.voices())
 
@@ -50,15 +59,16 @@ class TtsStage(Stage):
 
     async def _speak(self, clause: str, voice: str, speed: float, language: str, first: bool):
         started = time.perf_counter()
-        pcm = (await asyncio.to_thread(self.engine.synthesize, clause, voice, speed, language)).tobytes()
+        audio = await asyncio.to_thread(self.engine.synthesize, clause, voice, speed, language)
         compute = time.perf_counter() - started
+        pcm = trim_quiet(audio, self.engine.sample_rate, LEAD_MS, TAIL_MS).tobytes()
         trace.get_current_span().add_event(
             "first_audio" if first else "clause_audio",
             {"voicestack.characters": len(clause), "voicestack.compute_seconds": round(compute, 4)})
         rate = self.engine.sample_rate
         self.record("clause", compute)
+        self.add_compute(compute)
         if self.meters:
-            self.meters.compute_seconds.add(compute, {"stage": self.name})
             self.meters.audio_seconds.add(len(pcm) / 2 / rate, {"stage": self.name})
         step = int(CHUNK_SECONDS * rate) * 2
         for offset in range(0, len(pcm), step):
@@ -83,6 +93,7 @@ class TtsStage(Stage):
         span.set_attribute("voicestack.tts.voice", voice)
         span.set_attribute("voicestack.tts.language", language)
         by_clause = self.settings.tts_split != "sentence"
+        phrase = self.settings.tts_split == "phrase"
         pending = ""
         spoken = 0
         async for request in requests:
@@ -91,12 +102,12 @@ class TtsStage(Stage):
             pending += request.text
             if len(pending) > MAX_PENDING_CHARS:
                 raise invalid(f"over {MAX_PENDING_CHARS} characters without a clause boundary")
-            clauses, pending = split_clauses(pending, clauses=by_clause)
+            clauses, pending = split_clauses(pending, clauses=by_clause, first=phrase and spoken == 0)
             for clause in clauses:
                 async for response in self._speak(clause, voice, speed, language, first=spoken == 0):
                     yield response
                 spoken += 1
-        clauses, _ = split_clauses(pending, final=True, clauses=by_clause)
+        clauses, _ = split_clauses(pending, final=True, clauses=by_clause, first=phrase and spoken == 0)
         for clause in clauses:
             async for response in self._speak(clause, voice, speed, language, first=spoken == 0):
                 yield response
