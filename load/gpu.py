@@ -201,21 +201,33 @@ def measure_stt(device: str, sizes: dict, files: dict) -> dict:
     result["transcript"] = heard
     if not all(word in heard.lower() for word in EXPECTED_WORDS):
         raise Skip(f"the model ran but heard {heard!r} for {QUESTION!r}: output not trusted, not timed")
-    rows, workers = [], 1
-    for streams in sizes["stt_levels"]:
+    workers = 1
+
+    def level(streams: int) -> dict:
+        nonlocal engine, workers
         if min(streams, sizes["workers"]) != workers:  # parallel decoders: faster-whisper's num_workers
             workers = min(streams, sizes["workers"])
             engine = engine_mod.WhisperEngine(model or None, device=device, compute_type=compute_type, workers=workers)
             engine.transcribe(audio[:16000])
         row = chunk_streams(engine, audio, streams, sizes["stt_seconds"])
-        rows.append({"streams": streams, "workers": workers, **row})
         print(f"   stt {streams:4d} streams: chunk latency mean {row['mean_ms']} ms, p95 {row['p95_ms']} ms",
               flush=True)
-        if not row["keeps_up"] and sizes["stop_when_behind"]:
+        return {"workers": workers, **row}
+
+    result.update(run_levels(sizes["stt_levels"], level, sizes["stop_when_behind"]))
+    return result
+
+
+def run_levels(levels, level, stop_when_behind: bool) -> dict:
+    """`level(streams)` for each number of streams until one does not keep up (or all, with
+    stop_when_behind off): the rows, and the most streams that kept up."""
+    rows = []
+    for streams in levels:
+        rows.append({"streams": streams, **level(streams)})
+        if not rows[-1]["keeps_up"] and stop_when_behind:
             break
     held = [r["streams"] for r in rows if r["keeps_up"]]
-    result.update(levels=rows, streams_held=max(held) if held else 0)
-    return result
+    return {"levels": rows, "streams_held": max(held) if held else 0}
 
 
 def chunk_streams(engine, audio: np.ndarray, streams: int, seconds: float) -> dict:
@@ -273,16 +285,14 @@ def measure_tts(device: str, sizes: dict, files: dict) -> dict:
               "load_seconds": round(time.monotonic() - loaded, 2), "text": REPLY}
     audio = engine.synthesize(REPLY)  # warm-up: kernels, arenas
     result["audio_seconds"] = round(len(audio) / 24000, 2)
-    rows = []
-    for streams in sizes["tts_levels"]:
+
+    def level(streams: int) -> dict:
         row = synth_streams(engine, streams)
-        rows.append({"streams": streams, **row})
         print(f"   tts {streams:4d} streams: {row['mean_ms']} ms a reply, real-time factor p95 {row['rtf_p95']}",
               flush=True)
-        if not row["keeps_up"] and sizes["stop_when_behind"]:
-            break
-    held = [r["streams"] for r in rows if r["keeps_up"]]
-    result.update(levels=rows, streams_held=max(held) if held else 0)
+        return row
+
+    result.update(run_levels(sizes["tts_levels"], level, sizes["stop_when_behind"]))
     return result
 
 

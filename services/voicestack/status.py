@@ -111,6 +111,7 @@ def bus_stage(stage: str, replicas: list[dict]) -> dict:
     """One stage as the bus sees it. Capacity counts only replicas that take new streams."""
     # (An LLM replica whose model server is down takes no streams, as a draining one.)
     live = [r for r in replicas if not r.get("draining") and r.get("model_server_up", True)]
+    draining = sum(bool(r.get("draining")) for r in replicas)
     active = sum(r.get("active", 0) for r in replicas)
     capacity = sum(r.get("capacity", 0) for r in live)
     problems = []
@@ -124,8 +125,7 @@ def bus_stage(stage: str, replicas: list[dict]) -> dict:
         elif not r.get("model_server_up", True):
             problems.append((WARNING, f"replica {r.get('replica_id')}'s model server is down: it takes no streams"))
     return {
-        "live": len(live), "draining": sum(bool(r.get("draining")) for r in replicas),
-        "not_ready": len(replicas) - len(live) - sum(bool(r.get("draining")) for r in replicas),
+        "live": len(live), "draining": draining, "not_ready": len(replicas) - len(live) - draining,
         "active": active, "capacity": capacity,
         "utilisation": round(active / capacity, 3) if capacity else None,
         "served": sum(r.get("served", 0) for r in replicas),

@@ -291,8 +291,8 @@ async def _open_llm_round(ctx: GenerationContext, handle: SpeechHandle, messages
 
 
 async def _open_llm(ctx: GenerationContext, contract, request, span):
-    """On the replica of the session's last request while it has room (prefix-cache
-    affinity), else on any replica of the pool."""
+    """On the replica of the session's last request if it would start it at once (prefix-cache
+    affinity: Stage.takes_named), else on any replica of the pool."""
     previous = getattr(ctx.last_llm_streams.get(contract.name), "replica_id", "") if ctx.llm_affinity else ""
     stream = await ctx.stages.open(contract, request, session_id=ctx.session_id, replica=previous)
     ctx.last_llm_streams[contract.name] = stream
